@@ -1,0 +1,77 @@
+"""The adapter state that crosses the wire: LoRA factors per layer plus other trainable tensors.
+
+Tensor names are PEFT state-dict keys without the adapter name, e.g.
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``.
+A *layer* is the prefix before ``.lora_A.weight`` / ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapted linear layer: effective update dW = s * B @ A."""
+
+    A: torch.Tensor  # (r, k)
+    B: torch.Tensor  # (d, r)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """LoRA factors per layer plus every other trainable tensor (classifier head...)."""
+
+    lora: dict[str, LoraFactors]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor]) -> "AdapterState":
+        """Split a flat PEFT-style state dict into per-layer factors and the rest."""
+        a_parts: dict[str, torch.Tensor] = {}
+        b_parts: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            if name.endswith(LORA_A_SUFFIX):
+                a_parts[name[: -len(LORA_A_SUFFIX)]] = tensor
+            elif name.endswith(LORA_B_SUFFIX):
+                b_parts[name[: -len(LORA_B_SUFFIX)]] = tensor
+            else:
+                extra[name] = tensor
+        if a_parts.keys() != b_parts.keys():
+            lonely = sorted(a_parts.keys() ^ b_parts.keys())
+            raise ValueError(f"LoRA layers without both lora_A and lora_B: {lonely[:5]}")
+        lora = {layer: LoraFactors(A=a_parts[layer], B=b_parts[layer]) for layer in sorted(a_parts)}
+        return cls(lora=lora, extra=dict(sorted(extra.items())))
+
+    def to_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, factors in self.lora.items():
+            tensors[layer + LORA_A_SUFFIX] = factors.A
+            tensors[layer + LORA_B_SUFFIX] = factors.B
+        tensors.update(self.extra)
+        return tensors
+
+    def to(self, dtype: torch.dtype) -> "AdapterState":
+        return AdapterState(
+            lora={k: LoraFactors(A=f.A.to(dtype), B=f.B.to(dtype)) for k, f in self.lora.items()},
+            extra={k: v.to(dtype) if v.is_floating_point() else v for k, v in self.extra.items()},
+        )
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client reported for one round."""
+
+    client: str
+    num_examples: int
+    state: AdapterState

