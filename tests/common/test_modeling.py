@@ -1,0 +1,264 @@
+"""The model side on a tiny BERT: adapter state round trips, strictness, saving, loss and evaluation."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tests
+
+import pytest
+import torch
+
+from common.adapter import AdapterState
+from common.config import ConfigError, DataConfig, ModelConfig
+from common.modeling import (
+    build_model,
+    compute_loss,
+    encode_batch,
+    evaluate,
+    get_adapter_state,
+    lora_parameters,
+    resolve_model_path,
+    save_adapter,
+    set_adapter_state,
+)
+from common.tiny_models import create_tiny_bert
+
+NUM_LABELS = 3
+HEAD_KEYS = {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+DATA_CFG = DataConfig(max_length=16)
+ROWS = [{"text": f"sentence {i} " + "word " * (i % 7), "label": i % NUM_LABELS} for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return create_tiny_bert(tmp_path_factory.mktemp("tiny") / "bert", num_labels=NUM_LABELS, seed=0)
+
+
+def model_cfg(path: str, **overrides) -> ModelConfig:
+    values = {"model_name": path, "lora_rank": 4, "lora_alpha": 8.0,
+              "target_modules": ["query", "value", "dense"], **overrides}
+    return ModelConfig(**values)
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The same keys and shapes with random values (non-zero B, so the adapter matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.5 for k, v in state.items()}
+
+
+@pytest.fixture
+def tiny(tiny_path: str):
+    return build_model(model_cfg(tiny_path), NUM_LABELS, seed=0)
+
+
+def test_build_is_deterministic_for_a_seed(tiny_path: str) -> None:
+    first = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=1)[0])
+    second = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=1)[0])
+    other = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=2)[0])
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    a_key = next(k for k in first if k.endswith(".lora_A.weight"))
+    assert not torch.equal(first[a_key], other[a_key])
+
+
+def test_adapter_state_keys_are_peft_keys_without_adapter_name(tiny) -> None:
+    model, _ = tiny
+    state = get_adapter_state(model)
+    assert HEAD_KEYS <= state.keys()
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in state
+    assert not any(".default." in k or "modules_to_save" in k for k in state)
+    for tensor in state.values():
+        assert tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.requires_grad
+    a = state["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"]
+    assert a.shape == (4, 32)
+
+
+def test_get_returns_clones(tiny) -> None:
+    model, _ = tiny
+    state = get_adapter_state(model)
+    for tensor in state.values():
+        tensor.add_(1.0)
+    fresh = get_adapter_state(model)
+    assert not any(torch.equal(state[k], fresh[k]) for k in state)
+
+
+def test_set_then_get_round_trips_exactly(tiny) -> None:
+    model, _ = tiny
+    target = perturbed(get_adapter_state(model), seed=3)
+    set_adapter_state(model, target)
+    back = get_adapter_state(model)
+    assert back.keys() == target.keys()
+    assert all(torch.equal(back[k], target[k]) for k in target)
+
+
+def test_set_casts_to_the_parameter_dtype(tiny) -> None:
+    model, _ = tiny
+    target = {k: v.double() for k, v in perturbed(get_adapter_state(model), seed=4).items()}
+    set_adapter_state(model, target)
+    back = get_adapter_state(model)
+    assert all(v.dtype == torch.float32 for v in back.values())
+    assert all(torch.equal(back[k], target[k].float()) for k in target)
+
+
+@pytest.mark.parametrize("breakage", ["missing", "unexpected", "shape"])
+def test_set_is_strict(tiny, breakage: str) -> None:
+    model, _ = tiny
+    state = get_adapter_state(model)
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+    if breakage == "missing":
+        del state[key]
+    elif breakage == "unexpected":
+        key = "base_model.model.bert.encoder.layer.9.attention.self.value.lora_B.weight"
+        state[key] = torch.zeros(32, 4)
+    else:
+        state[key] = torch.zeros(32, 5)
+    with pytest.raises(ValueError) as info:
+        set_adapter_state(model, state)
+    message = str(info.value)
+    assert key in message
+    assert {"missing": "missing key", "unexpected": "unexpected key", "shape": "got (32, 5), model has (32, 4)"}[
+        breakage] in message
+
+
+def test_lora_parameters_line_up_with_adapter_state(tiny) -> None:
+    model, _ = tiny
+    params = lora_parameters(model)
+    adapter = AdapterState.from_state_dict(get_adapter_state(model))
+    assert list(params) == list(adapter.lora)
+    # query, value, attention.output.dense, intermediate.dense, output.dense per layer, plus the pooler
+    assert len(params) == 2 * 5 + 1
+    for layer, (a, b) in params.items():
+        assert a.shape == adapter.lora[layer].A.shape and b.shape == adapter.lora[layer].B.shape
+        assert a.shape[0] == b.shape[1] == 4
+    # live parameters: writing through them shows up in the state
+    layer, (a, _) = next(iter(params.items()))
+    with torch.no_grad():
+        a.fill_(0.25)
+    assert torch.all(get_adapter_state(model)[layer + ".lora_A.weight"] == 0.25)
+
+
+def test_frozen_a_stays_in_the_exchanged_state(tiny) -> None:
+    model, _ = tiny
+    before = set(get_adapter_state(model))
+    for a, _ in lora_parameters(model).values():
+        a.requires_grad_(False)  # as fedsvd does
+    assert set(get_adapter_state(model)) == before
+
+
+def test_untrained_head_is_frozen_and_not_exchanged(tiny_path: str) -> None:
+    model, _ = build_model(model_cfg(tiny_path, train_head=False), NUM_LABELS, seed=0)
+    state = get_adapter_state(model)
+    assert not HEAD_KEYS & state.keys()
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    set_adapter_state(model, state)
+
+
+def test_loss_backward_reaches_lora_and_head_only(tiny) -> None:
+    model, tokenizer = tiny
+    set_adapter_state(model, perturbed(get_adapter_state(model), seed=5))
+    model.train()
+    loss, logits = compute_loss(model, encode_batch(tokenizer, ROWS[:4], DATA_CFG))
+    assert logits.shape == (4, NUM_LABELS) and loss.ndim == 0
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    expected = {n for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+    assert with_grad == expected
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in expected)
+
+
+def test_gradient_checkpointing_and_bfloat16_build_and_train(tiny_path: str) -> None:
+    for overrides in ({"gradient_checkpointing": True}, {"dtype": "bfloat16"}):
+        model, tokenizer = build_model(model_cfg(tiny_path, **overrides), NUM_LABELS, seed=0)
+        model.train()
+        loss, _ = compute_loss(model, encode_batch(tokenizer, ROWS[:2], DATA_CFG))
+        loss.backward()
+        assert math.isfinite(loss.item())
+        assert any(p.grad is not None for p, _ in lora_parameters(model).values())
+
+
+def test_encode_batch_truncates_and_pads_dynamically(tiny) -> None:
+    _, tokenizer = tiny
+    rows = [{"text": "short", "label": 0}, {"text": "long " * 100, "label": 2}]
+    batch = encode_batch(tokenizer, rows, DATA_CFG)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 16)
+    assert batch["labels"].tolist() == [0, 2]
+    short = encode_batch(tokenizer, rows[:1], DATA_CFG)
+    assert short["input_ids"].shape[1] < 16
+
+
+def test_evaluate_is_sane_and_restores_the_mode(tiny) -> None:
+    model, tokenizer = tiny
+    for mode in (True, False):
+        model.train(mode)
+        metrics = evaluate(model, tokenizer, ROWS, DATA_CFG, batch_size=4)
+        assert model.training is mode
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_examples"] == len(ROWS)
+    assert 0.0 < metrics["loss"] < 10.0
+    # the mean over batches of 4, 4, 2 equals the loss of one batch of all rows
+    with torch.no_grad():
+        loss, logits = compute_loss(model, encode_batch(tokenizer, ROWS, DATA_CFG))
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    labels = torch.tensor([r["label"] for r in ROWS])
+    assert metrics["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
+def test_save_adapter_loads_with_peft_and_gives_identical_logits(tiny, tiny_path: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = tiny
+    target = perturbed(get_adapter_state(model), seed=6)
+    out = tmp_path / "round_3" / "adapter"
+    save_adapter(model, get_adapter_state(model), out)  # an existing folder is replaced
+    save_adapter(model, target, out)
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temp folders left behind
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=NUM_LABELS)
+    loaded = PeftModel.from_pretrained(base, str(out))
+    loaded.eval()
+    model.eval()
+    batch = encode_batch(tokenizer, ROWS, DATA_CFG)
+    with torch.no_grad():
+        _, ours = compute_loss(model, batch)
+        _, theirs = compute_loss(loaded, batch)
+    assert torch.equal(ours, theirs)
+
+
+def test_four_bit_without_cuda_is_a_config_error(tiny_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="load_in_4bit"):
+        build_model(model_cfg(tiny_path, load_in_4bit=True), NUM_LABELS, seed=0)
+
+
+def test_causal_models_are_not_supported_yet(tiny_path: str) -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        build_model(model_cfg(tiny_path, model_type="causal"), NUM_LABELS, seed=0)
+    with pytest.raises(ConfigError, match="not supported yet"):
+        resolve_model_path("smollm2")
+
+
+def test_resolve_model_path(tiny_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (Path(resolve_model_path("minilm")) / "config.json").is_file()
+    assert resolve_model_path("FacebookAI/roberta-large") == "FacebookAI/roberta-large"
+    monkeypatch.chdir(Path(tiny_path).parent)
+    assert resolve_model_path("bert") == tiny_path
+
+
+def test_real_minilm_on_bbc_news() -> None:
+    from common.tasks import load_task_data
+
+    data = load_task_data(DataConfig(dataset="bbc_news", max_eval_samples=8), seed=42)
+    assert len(data.label_names) == 5 and len(data.eval) == 8
+    model, tokenizer = build_model(ModelConfig(model_name="minilm", target_modules=["query", "value"]),
+                                   num_labels=5, seed=42)
+    adapter = AdapterState.from_state_dict(get_adapter_state(model))
+    assert len(adapter.lora) == 6 * 2
+    assert adapter.lora["base_model.model.bert.encoder.layer.0.attention.self.query"].B.shape == (384, 8)
+    metrics = evaluate(model, tokenizer, data.eval, DataConfig(max_length=32))
+    assert metrics["num_examples"] == 8 and math.isfinite(metrics["loss"])

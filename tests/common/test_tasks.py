@@ -1,0 +1,166 @@
+"""load_task_data: determinism, eval splits, caps, label mapping and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tests
+
+import pytest
+
+from common.config import ConfigError, DataConfig
+from common.tasks import TASKS, TaskData, load_task_data
+
+TEXTS = [f"text number {i} about {topic}" for i, topic in enumerate(["cats", "dogs", "birds", "fish"] * 10)]
+TOPICS = ["cats", "dogs", "birds", "fish"] * 10
+REGIONS = ["north", "south"] * 20
+
+
+def write_csv(path: Path, texts: list[str], labels: list, extra: dict[str, list] | None = None) -> Path:
+    extra = extra or {}
+    header = ["text", "label", *extra]
+    lines = [",".join(header)]
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        lines.append(",".join([text, str(label), *(str(col[i]) for col in extra.values())]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def topic_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "topics.csv", TEXTS, TOPICS, {"region": REGIONS})
+
+
+def test_same_config_and_seed_give_identical_rows(topic_csv: Path) -> None:
+    cfg = DataConfig(dataset=str(topic_csv), max_eval_samples=None)
+    first, second = load_task_data(cfg, seed=7), load_task_data(cfg, seed=7)
+    assert first == second
+    other = load_task_data(cfg, seed=8)
+    assert [r["text"] for r in other.train] != [r["text"] for r in first.train]
+
+
+def test_string_labels_map_to_sorted_names_and_holdout_partitions_the_data(topic_csv: Path) -> None:
+    cfg = DataConfig(dataset=str(topic_csv), eval_fraction=0.25, max_eval_samples=None)
+    data = load_task_data(cfg, seed=1)
+    assert data.label_names == ["birds", "cats", "dogs", "fish"]
+    assert data.num_labels == 4
+    assert len(data.eval) == 10 and len(data.train) == 30
+    all_rows = data.train + data.eval
+    assert sorted(r["text"] for r in all_rows) == sorted(TEXTS)
+    for row in all_rows:  # each text keeps its own label
+        topic = row["text"].rsplit(" ", 1)[-1]
+        assert data.label_names[row["label"]] == topic
+    assert data.partition_values == [r["label"] for r in data.train]
+
+
+def test_int_labels_are_kept_and_json_lines_load(tmp_path: Path) -> None:
+    rows = [{"sentence": f"row {i}", "y": i % 3 + 1} for i in range(30)]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    data = load_task_data(DataConfig(dataset=str(path), text_column="sentence", label_column="y"), seed=0)
+    truth = {r["sentence"]: r["y"] for r in rows}
+    assert all(truth[r["text"]] == r["label"] for r in data.train + data.eval)
+    assert data.label_names == ["0", "1", "2", "3"]
+
+
+def test_parquet_file_loads(tmp_path: Path) -> None:
+    import datasets
+
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_dict({"text": TEXTS, "label": TOPICS}).to_parquet(str(path))
+    data = load_task_data(DataConfig(dataset=str(path)), seed=0)
+    assert len(data.train) + len(data.eval) == len(TEXTS)
+
+
+@pytest.mark.parametrize("eval_split", ["validation", "test"])
+def test_directory_with_an_eval_split_uses_it(tmp_path: Path, eval_split: str) -> None:
+    write_csv(tmp_path / "train.csv", TEXTS, TOPICS)
+    write_csv(tmp_path / f"{eval_split}.csv", ["held out one", "held out two"], ["cats", "zebras"])
+    data = load_task_data(DataConfig(dataset=str(tmp_path), max_eval_samples=None), seed=0)
+    assert len(data.train) == len(TEXTS)
+    assert sorted(r["text"] for r in data.eval) == ["held out one", "held out two"]
+    # one label mapping for both splits
+    assert data.label_names == ["birds", "cats", "dogs", "fish", "zebras"]
+
+
+def test_caps_take_a_seeded_subset(topic_csv: Path) -> None:
+    full = load_task_data(DataConfig(dataset=str(topic_csv), max_eval_samples=None), seed=3)
+    capped_cfg = DataConfig(dataset=str(topic_csv), max_train_samples=5, max_eval_samples=3)
+    capped = load_task_data(capped_cfg, seed=3)
+    assert len(capped.train) == 5 and len(capped.eval) == 3 and len(capped.partition_values) == 5
+    assert all(row in full.train for row in capped.train)
+    assert all(row in full.eval for row in capped.eval)
+    assert capped == load_task_data(capped_cfg, seed=3)
+
+
+def test_partition_field_column_follows_the_train_rows(topic_csv: Path) -> None:
+    data = load_task_data(DataConfig(dataset=str(topic_csv), partition_field="region"), seed=5)
+    region_of = dict(zip(TEXTS, REGIONS, strict=True))
+    assert data.partition_values == [region_of[r["text"]] for r in data.train]
+
+
+def test_default_partition_field_means_the_label_whatever_its_column(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "topic": y} for t, y in zip(TEXTS, TOPICS, strict=True)])
+    data = load_task_data(DataConfig(dataset=str(path), label_column="topic"), seed=0)
+    assert data.partition_values == [r["label"] for r in data.train]
+
+
+@pytest.mark.parametrize("field_name, overrides, missing", [
+    ("text_column", {"text_column": "body"}, "body"),
+    ("label_column", {"label_column": "category"}, "category"),
+    ("partition_field", {"partition_field": "activity_label"}, "activity_label"),
+])
+def test_missing_column_is_named_with_the_available_ones(topic_csv: Path, field_name: str,
+                                                         overrides: dict, missing: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_task_data(DataConfig(dataset=str(topic_csv), **overrides), seed=0)
+    message = str(info.value)
+    assert field_name in message and repr(missing) in message
+    assert "'text'" in message and "'label'" in message and "'region'" in message
+
+
+def test_unlabelled_rows_are_rejected(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", TEXTS, [-1] * len(TEXTS))
+    with pytest.raises(ValueError, match="label_column"):
+        load_task_data(DataConfig(dataset=str(path)), seed=0)
+
+
+def test_unsupported_file_type(tmp_path: Path) -> None:
+    path = tmp_path / "data.txt"
+    path.write_text("hello\n")
+    with pytest.raises(ConfigError, match="unsupported file type"):
+        load_task_data(DataConfig(dataset=str(path)), seed=0)
+
+
+def test_unreachable_hub_dataset_names_it_and_suggests_a_local_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_task_data(DataConfig(dataset="no-such-owner/no-such-dataset"), seed=0)
+    message = str(info.value)
+    assert "no-such-owner/no-such-dataset" in message and "local" in message
+
+
+def test_multiple_choice_is_registered_but_not_supported_yet(topic_csv: Path) -> None:
+    assert set(TASKS) == {"sequence_classification", "multiple_choice"}
+    with pytest.raises(ConfigError, match="not supported yet"):
+        load_task_data(DataConfig(task="multiple_choice", dataset=str(topic_csv)), seed=0)
+
+
+def test_embedded_bbc_news() -> None:
+    cfg = DataConfig(dataset="bbc_news", max_eval_samples=None)
+    data = load_task_data(cfg, seed=42)
+    assert isinstance(data, TaskData)
+    assert len(data.train) + len(data.eval) == 2225
+    assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(data.eval) == round(2225 * cfg.eval_fraction)
+    counts = Counter(r["label"] for r in data.train + data.eval)
+    assert sorted(counts) == [0, 1, 2, 3, 4] and counts[3] == 511  # sports has 511 articles
+    assert data.partition_values == [r["label"] for r in data.train]
+    assert all(r["text"].strip() for r in data.train[:50])
+    assert load_task_data(cfg, seed=42) == data
