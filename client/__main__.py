@@ -1,0 +1,63 @@
+"""Command line of a client: ``python -m client --coordinator HOST:PORT``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Run one federated LoRA client: it joins the coordinator, receives the run configuration "
+                    "and its data partition, then trains locally whenever it is sampled, until the run is over.",
+        epilog="Example: python -m client --coordinator coordinator.example:50051 --name gpu-host-1 --device cuda:0",
+    )
+    parser.add_argument("--coordinator", required=True, help="host:port of the coordinator")
+    parser.add_argument("--name", default=None,
+                        help="stable client name; rejoining under it keeps the partition (default: hostname-pid)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (default: cpu)")
+    parser.add_argument("--data", default=None,
+                        help="train on this local csv/json/jsonl/parquet file instead of a partition of the run's data")
+    parser.add_argument("--partition", type=int, default=-1,
+                        help="ask for this partition index (default: the coordinator assigns one)")
+    parser.add_argument("--patience", type=float, default=300.0, metavar="SECONDS",
+                        help="exit if the coordinator stays unreachable this long (default: 300)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: from the run config)")
+    parser.add_argument("--save-received", default=None, metavar="DIR",
+                        help="debugging: save every received task's tensors under DIR")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"error: --device {args.device} but CUDA is not available here; use --device cpu", file=sys.stderr)
+            return 2
+    from client.connection import CoordinatorGone
+    from client.runtime import ClientOptions, run_client
+
+    options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
+                            partition=args.partition, patience_s=args.patience, save_received=args.save_received,
+                            threads=args.threads)
+    try:
+        return run_client(options)
+    except CoordinatorGone as error:
+        logging.getLogger("client").error("%s", error)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The client's main loop: join, load model and data shard, then fetch / train / upload until the run is over."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from safetensors.torch import save_file
+
+from client.connection import CoordinatorConnection, ReceivedTask, RunOver, WaitHint
+from client.trainer import LocalTrainer
+from common.config import RunConfig
+from common.federated_data import fingerprint, partition_dataset
+from common.tasks import load_task_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ClientOptions:
+    coordinator: str
+    name: str
+    device: str = "cpu"
+    data: str | None = None
+    """A local data file of this client's own; without it the client trains on its partition of the run's data."""
+    partition: int = -1
+    patience_s: float = 300.0
+    save_received: str | None = None
+    """Debugging: write every received task's tensors to DIR/round_NNN.safetensors."""
+    threads: int | None = None
+
+
+def _load_rows(config: RunConfig, options: ClientOptions, partition_index: int, expected_fingerprint: str):
+    if options.data:
+        own = dataclasses.replace(config.data, dataset=options.data)
+        data = load_task_data(own, seed=config.federation.seed)
+        log.info("training on own data %s: %d rows", options.data, len(data.train))
+        return data.train, len(data.label_names)
+    data = load_task_data(config.data, seed=config.federation.seed)
+    partition = partition_dataset(config, data.partition_values)
+    indices = partition.indices[partition_index]
+    if fingerprint(indices) != expected_fingerprint:
+        raise RuntimeError(f"partition {partition_index} differs from the coordinator's (fingerprint mismatch): "
+                           f"the client's data or package versions differ from the coordinator's")
+    log.info("partition %d: %d rows", partition_index, len(indices))
+    return [data.train[i] for i in indices], len(data.label_names)
+
+
+def run_client(options: ClientOptions) -> int:
+    connection = CoordinatorConnection(options.coordinator, patience_s=options.patience_s)
+    try:
+        info = connection.join(options.name, options.partition, options.device)
+        config = RunConfig.from_json(info.run_config_json)
+        torch.set_num_threads(options.threads or config.train.torch_threads)
+        log.info("%s joined run %s as partition %d of %d (method %s)", options.name, info.run_id,
+                 info.partition_index, info.num_partitions, config.federation.method)
+        rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
+        trainer = LocalTrainer(config, rows, num_labels, device=options.device)
+        client_id = info.client_id
+        while True:
+            task = connection.next_task(client_id)
+            if isinstance(task, RunOver):
+                log.info("run over after %d rounds: %s", task.rounds_completed, task.reason)
+                return 0
+            if isinstance(task, WaitHint):
+                time.sleep(task.retry_after_ms / 1000)
+                continue
+            _do_round(connection, client_id, trainer, task, options)
+    finally:
+        connection.close()
+
+
+def _do_round(connection: CoordinatorConnection, client_id: str, trainer: LocalTrainer,
+              task: ReceivedTask, options: ClientOptions) -> None:
+    log.info("round %d: received %d tensors (%.2f MB), training", task.round, len(task.tensors),
+             task.payload_bytes / 1e6)
+    if options.save_received:
+        target = Path(options.save_received)
+        target.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(target / f"round_{task.round:03d}.safetensors"))
+    result = trainer.train_round(task.round, task.tensors, task.round_seed)
+    try:
+        reply = connection.submit(client_id, task.round, result.num_examples, result.tensors,
+                                  result.train_loss, result.train_seconds, result.local_steps)
+        log.info("round %d: trained %d steps in %.1fs (loss %.4f), uploaded %d bytes", task.round,
+                 result.local_steps, result.train_seconds, result.train_loss, reply.bytes_received)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.ALREADY_EXISTS:
+            log.info("round %d: update already recorded (a retried upload)", task.round)
+        elif error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            log.warning("round %d: update not accepted: %s", task.round, error.details())
+        else:
+            raise

@@ -1,0 +1,113 @@
+"""Local training of one round: load the global adapter, train, return the new trainable tensors.
+
+A pure function of (run configuration, client rows, global adapter, round seed)
+on CPU: the seed fixes the shuffling and dropout, the optimizer starts fresh
+every round (AdamW, weight decay 0, as in the reference study).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common.adapter import AdapterState
+from common.aggregation import get_strategy
+from common.config import RunConfig
+from common.modeling import build_model, compute_loss, encode_batch, get_adapter_state, lora_parameters, set_adapter_state
+from common.regularizer import subspace_regularizer
+
+log = logging.getLogger(__name__)
+
+REFERENCE_SUFFIX = ".reference_basis"
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    train_seconds: float
+    local_steps: int
+
+
+class LocalTrainer:
+    def __init__(self, config: RunConfig, rows: list[dict], num_labels: int, device: str = "cpu",
+                 show_progress: bool | None = None) -> None:
+        if not rows:
+            raise ValueError("this client has no training rows; check its partition or --data file")
+        self.config = config
+        self.rows = rows
+        self.device = device
+        self.show_progress = show_progress
+        self.strategy = get_strategy(config.federation.method)
+        self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
+                                                 seed=config.federation.seed, device=device)
+        self.lora = lora_parameters(self.model)
+
+    def _micro_batches(self, generator: torch.Generator) -> Iterator[list[dict]]:
+        """One or more shuffled epochs, capped at max_local_steps micro-batches."""
+        train = self.config.train
+        batch = train.per_device_train_batch_size
+        cap = train.max_local_steps
+        produced = 0
+        for _ in range(train.local_epochs):
+            order = torch.randperm(len(self.rows), generator=generator).tolist()
+            for start in range(0, len(order), batch):
+                if cap is not None and produced >= cap:
+                    return
+                yield [self.rows[i] for i in order[start: start + batch]]
+                produced += 1
+
+    def _num_micro_batches(self) -> int:
+        train = self.config.train
+        per_epoch = -(-len(self.rows) // train.per_device_train_batch_size)
+        total = per_epoch * train.local_epochs
+        return total if train.max_local_steps is None else min(total, train.max_local_steps)
+
+    def train_round(self, round_index: int, global_tensors: dict[str, torch.Tensor], seed: int) -> LocalResult:
+        started = time.time()
+        adapter = {k: v for k, v in global_tensors.items() if not k.endswith(REFERENCE_SUFFIX)}
+        set_adapter_state(self.model, adapter)
+        reference = AdapterState.from_state_dict(adapter).lora   # A_g, B_g as stored (constants)
+        for A, _B in self.lora.values():
+            A.requires_grad_(self.strategy.trains_lora_A)        # fedsvd trains B only
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        train, fed = self.config.train, self.config.federation
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
+
+        torch.manual_seed(seed)                                  # dropout
+        generator = torch.Generator().manual_seed(seed)          # shuffling
+        self.model.train()
+        losses: list[float] = []
+        accumulation = train.gradient_accumulation_steps
+        total = self._num_micro_batches()
+        progress = tqdm(total=total, desc=f"round {round_index}", unit="batch", leave=False,
+                        disable=None if self.show_progress is None else not self.show_progress)  # None: only on a terminal
+        optimizer.zero_grad(set_to_none=True)
+        for step, rows in enumerate(self._micro_batches(generator), start=1):
+            batch = {k: v.to(self.device) for k, v in encode_batch(self.tokenizer, rows, self.config.data).items()}
+            task_loss, _ = compute_loss(self.model, batch)
+            loss = task_loss
+            if self.strategy.uses_regularizer:
+                loss = loss + subspace_regularizer(self.lora, reference, self.config.model.scaling,
+                                                   fed.mu, fed.alpha, fed.lambda_reg)
+            (loss / accumulation).backward()
+            if step % accumulation == 0 or step == total:
+                if train.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(task_loss.detach()))
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        progress.close()
+        for A, _B in self.lora.values():
+            A.requires_grad_(True)
+        return LocalResult(tensors=get_adapter_state(self.model), num_examples=len(self.rows),
+                           train_loss=sum(losses) / max(1, len(losses)), train_seconds=time.time() - started,
+                           local_steps=len(losses))

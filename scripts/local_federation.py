@@ -1,0 +1,150 @@
+"""Start a local federation on 127.0.0.1: one coordinator and N client processes.
+
+    python -m scripts.local_federation --config configs/minilm_bbc.yaml [key=value ...]
+
+Each process logs to <run-dir>/logs/; this launcher prints one line per round
+and the run summary, and stops every process it started, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common.config import ConfigError, RunConfig, parse_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m scripts.local_federation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/minilm_bbc.yaml", help="run configuration (flat YAML)")
+    parser.add_argument("--run-dir", help="output directory (default: runs/<time>-<method>)")
+    parser.add_argument("--tiny-model", action="store_true",
+                        help="use a tiny randomly initialised BERT created on the fly (smoke tests)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method=fedavg")
+    return parser.parse_args(argv)
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "  n/a "
+
+
+def format_round(line: dict) -> str:
+    return (f"round {line['round']:>3}  acc {_fmt(line.get('accuracy'))}  loss {_fmt(line.get('loss'))}  "
+            f"overlap {_fmt(line.get('basis_overlap'), '.5f')}  cancel {_fmt(line.get('cancellation_ratio'))}  "
+            f"down {line.get('bytes_down', 0) / 1e6:6.2f} MB  up {line.get('bytes_up', 0) / 1e6:6.2f} MB  "
+            f"{line.get('round_seconds', 0.0):5.1f} s  clients {','.join(str(p) for p in line.get('partitions', []))}")
+
+
+def _start(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_path, "w")
+    return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            start_new_session=True)
+
+
+def _stop_all(processes: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides = parse_overrides(args.overrides)
+        config = RunConfig.load(args.config, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.tiny_model:
+        from common.tiny_models import create_tiny_bert
+
+        overrides["model_name"] = create_tiny_bert(run_dir / "tiny_model", num_labels=5,
+                                                   seed=config.federation.seed)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    address_file = run_dir / "coordinator.address"
+    address_file.unlink(missing_ok=True)
+    override_args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
+    coordinator = _start([sys.executable, "-m", "server", "--config", args.config, "--address", "127.0.0.1:0",
+                          "--run-dir", str(run_dir), "--address-file", str(address_file), *override_args],
+                         run_dir / "logs" / "coordinator.log", env)
+    processes = [coordinator]
+    num_clients = config.data.num_clients
+    print(f"run directory {run_dir}\nmethod {config.federation.method}, {config.federation.num_rounds} rounds, "
+          f"{num_clients} clients, model {overrides.get('model_name', config.model.model_name)}", flush=True)
+    try:
+        deadline = time.monotonic() + args.timeout
+        while not address_file.exists():
+            if coordinator.poll() is not None:
+                print(f"coordinator exited early (code {coordinator.returncode}); see {run_dir}/logs/coordinator.log",
+                      file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                raise TimeoutError("the coordinator did not start listening in time")
+            time.sleep(0.2)
+        address = address_file.read_text().strip()
+        print(f"coordinator on {address}; starting {num_clients} clients (logs in {run_dir}/logs/)", flush=True)
+        for index in range(num_clients):
+            processes.append(_start([sys.executable, "-m", "client", "--coordinator", address,
+                                     "--name", f"client-{index}", "--partition", str(index)],
+                                    run_dir / "logs" / f"client-{index}.log", env))
+        printed = 0
+        reported_exits: set[int] = set()
+        metrics_path = run_dir / "metrics.jsonl"
+        while True:
+            if metrics_path.exists():
+                lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+                for line in lines[printed:]:
+                    print(format_round(json.loads(line)), flush=True)
+                printed = len(lines)
+            if coordinator.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run did not finish within {args.timeout:.0f}s")
+            for index, process in enumerate(processes[1:]):
+                if index not in reported_exits and process.poll() not in (None, 0):
+                    reported_exits.add(index)
+                    print(f"warning: client-{index} exited with code {process.returncode}; "
+                          f"see {run_dir}/logs/client-{index}.log", file=sys.stderr)
+            time.sleep(0.5)
+        if coordinator.returncode != 0:
+            print(f"coordinator failed (code {coordinator.returncode}); see {run_dir}/logs/coordinator.log",
+                  file=sys.stderr)
+            return coordinator.returncode or 1
+        for process in processes[1:]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print("summary " + json.dumps(summary, indent=2), flush=True)
+        print(run_dir, flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: stopping the federation", file=sys.stderr)
+        return 130
+    finally:
+        _stop_all(processes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

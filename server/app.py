@@ -1,0 +1,107 @@
+"""Assemble a coordinator: data, partition, model, gRPC server; then drive the rounds."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import RunConfig
+from common.federated_data import fingerprint, partition_dataset
+from common.partition import partition_stats
+from common.tasks import load_task_data
+from proto import federation_pb2_grpc as pb_grpc
+from server.coordinator import Coordinator
+from server.global_model import ServerModel
+from server.outputs import RunDirectory
+from server.servicer import CoordinatorServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "subspacefl.v1.Coordinator"
+
+
+@dataclass
+class CoordinatorApp:
+    coordinator: Coordinator
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    run_dir: RunDirectory
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(grace_s).wait()
+
+
+def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[::]:50051",
+                      poll_timeout_s: float = 10.0) -> CoordinatorApp:
+    directory = RunDirectory(run_dir)
+    directory.write_config(config.to_flat())
+
+    data = load_task_data(config.data, seed=config.federation.seed)
+    partition = partition_dataset(config, data.partition_values)
+    directory.write_json("partition_stats.json", partition_stats(partition, data.partition_values))
+    log.info("data: %d train / %d eval rows, %d classes, %d clients (%s)", len(data.train), len(data.eval),
+             len(data.label_names), len(partition.indices), partition.scheme)
+
+    model = ServerModel(config, data.eval, num_labels=len(data.label_names))
+    coordinator = Coordinator(config, directory, model, model.initial_state(),
+                              partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s)
+
+    server, health_servicer, port = start_grpc_server(
+        coordinator, secrets.token_hex(8), [fingerprint(ix) for ix in partition.indices], address)
+    return CoordinatorApp(coordinator, server, health_servicer, port, directory)
+
+
+def start_grpc_server(coordinator: Coordinator, run_id: str, fingerprints: list[str],
+                      address: str) -> tuple[grpc.Server, health.HealthServicer, int]:
+    """Bind the servicer and the standard health service; returns the started server and its port."""
+    workers = max(16, 2 * len(fingerprints) + 8)   # each long poll holds a worker thread
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, run_id, fingerprints), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the coordinator to {address}; is the port in use?")
+    server.start()
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port
+
+
+def serve(config: RunConfig, run_dir: str | Path, address: str, address_file: str | None,
+          wait_for_clients_s: float) -> dict:
+    app = build_coordinator(config, run_dir, address)
+    host = address.rsplit(":", 1)[0]
+    bound = f"{host}:{app.port}"
+    log.info("coordinator listening on %s (run directory %s)", bound, app.run_dir.path)
+    if address_file:
+        Path(address_file).write_text(bound + "\n")
+
+    def on_signal(signum: int, _frame) -> None:
+        log.warning("received signal %d: stopping", signum)
+        app.coordinator.request_stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        summary = app.coordinator.run(wait_for_clients_s=wait_for_clients_s)
+        time.sleep(1.0)   # let waiting clients collect RunFinished before the port closes
+        return summary
+    finally:
+        app.stop()

@@ -1,0 +1,389 @@
+"""The round state machine: sample, hand out the global adapter, collect, aggregate, commit.
+
+Free of grpc: the servicer calls ``join``, ``next_task`` and ``submit``; the
+driver thread calls ``run``. One lock and one condition variable guard all
+round state; long polls wait on the condition.
+
+One round t:
+  1. ``_open_round``: sample m partitions (seeded by seed + t), encode the global
+     adapter (+ reference basis) once, wake the long polls.
+  2. sampled clients fetch the task (``next_task``), train, ``submit``.
+  3. ``_wait_for_updates`` returns when all sampled clients reported or the
+     deadline passed; ``_close_round`` aggregates with common/, measures the
+     alignment metrics, evaluates, saves the adapter, commits, logs a line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from common.adapter import AdapterState, ClientUpdate
+from common.aggregation import AggregationSettings, get_strategy
+from common.codec import TensorSpec, encode_tensors
+from common.config import RunConfig
+from common.metrics import alignment_metrics
+from common.sampling import sample_clients
+from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge
+from server.outputs import RunDirectory, summarize
+from server.registry import ClientRecord, ClientRegistry
+
+log = logging.getLogger(__name__)
+
+REFERENCE_SUFFIX = ".reference_basis"
+
+
+class RunStopped(Exception):
+    """The operator asked the coordinator to stop (SIGTERM, Ctrl-C) before the last round."""
+
+
+class GlobalModel(Protocol):
+    """What the coordinator needs of the model: server-side evaluation and PEFT-format saving."""
+
+    def evaluate(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+    def save(self, tensors: dict[str, torch.Tensor], directory: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    round: int
+    method: str
+    round_seed: int
+    specs: list[TensorSpec]
+    buffer: bytes
+
+
+@dataclass(frozen=True)
+class WaitHint:
+    retry_after_ms: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    rounds_completed: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class UploadStats:
+    train_loss: float
+    train_seconds: float
+    local_steps: int
+    payload_bytes: int
+
+
+@dataclass
+class _Round:
+    index: int
+    sampled: dict[str, int]                        # client id -> partition
+    names: dict[str, str]                          # client id -> name
+    specs: list[TensorSpec]
+    buffer: bytes
+    opened_at: float = field(default_factory=time.time)
+    open: bool = True
+    deliveries: dict[str, int] = field(default_factory=dict)   # client id -> times the task was fetched
+    updates: dict[str, tuple[ClientUpdate, UploadStats]] = field(default_factory=dict)
+
+
+def round_seed(seed: int, round_index: int, partition: int) -> int:
+    """Seed of one client's local training in one round: a pure function of (seed, round, partition)."""
+    digest = hashlib.sha256(f"{seed}/{round_index}/{partition}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Coordinator:
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, model: GlobalModel,
+                 initial_state: dict[str, torch.Tensor], partition_sizes: list[int],
+                 poll_timeout_s: float = 10.0, max_payload_bytes: int = 2 << 30) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.model = model
+        self.strategy = get_strategy(config.federation.method)
+        self.settings = AggregationSettings(
+            scaling=config.model.scaling, rank=config.model.lora_rank,
+            max_update_norm=config.federation.max_effective_lora_update_norm,
+        )
+        self.partition_sizes = partition_sizes
+        self.registry = ClientRegistry(num_partitions=len(partition_sizes))
+        self.poll_timeout_s = poll_timeout_s
+        self.max_payload_bytes = max_payload_bytes
+        self._global: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}
+        self._reference: dict[str, torch.Tensor] = {}     # layer -> U (d, r), orthonormal columns
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._round: _Round | None = None
+        self._finished: Finished | None = None
+        self._completed_rounds = 0
+        self._best_accuracy = -math.inf
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ servicer API
+
+    def join(self, name: str, requested_partition: int, device: str) -> ClientRecord:
+        record = self.registry.join(name, requested_partition, device)
+        log.info("client %s joined (partition %d, %s)", name, record.partition, device or "unknown device")
+        with self._changed:
+            self._changed.notify_all()
+        return record
+
+    def next_task(self, client_id: str, timeout_s: float | None = None) -> Task | WaitHint | Finished:
+        """Long poll: block until this client has work, the run is over, or the poll times out."""
+        record = self.registry.get(client_id)
+        deadline = time.monotonic() + (self.poll_timeout_s if timeout_s is None else timeout_s)
+        with self._changed:
+            while True:
+                if self._finished is not None:
+                    return self._finished
+                current = self._round
+                if current is not None and current.open and client_id in current.sampled \
+                        and client_id not in current.updates:
+                    # Fetching again is allowed (the stream may have broken); the payload is identical.
+                    current.deliveries[client_id] = current.deliveries.get(client_id, 0) + 1
+                    return Task(round=current.index, method=self.config.federation.method,
+                                round_seed=round_seed(self.config.federation.seed, current.index, record.partition),
+                                specs=current.specs, buffer=current.buffer)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    reason = "not sampled this round" if current is not None else "waiting for clients to join"
+                    return WaitHint(retry_after_ms=0, reason=reason)
+                self._changed.wait(remaining)
+
+    def check_upload_header(self, client_id: str, round_index: int, num_examples: int, total_bytes: int) -> ClientRecord:
+        """Reject an upload before its payload is read: wrong round, not sampled, duplicate, oversize."""
+        record = self.registry.get(client_id)
+        if total_bytes > self.max_payload_bytes:
+            raise PayloadTooLarge(f"upload of {total_bytes} bytes exceeds the coordinator's limit of "
+                                  f"{self.max_payload_bytes} bytes")
+        if num_examples <= 0:
+            raise BadRequest(f"num_examples={num_examples}: must be positive (the client's partition size)")
+        with self._lock:
+            self._check_round_accepts(record, round_index)
+        return record
+
+    def submit(self, client_id: str, round_index: int, num_examples: int,
+               tensors: dict[str, torch.Tensor], stats: UploadStats) -> None:
+        """Validate and store one upload. Nothing changes unless every check passes."""
+        record = self.check_upload_header(client_id, round_index, num_examples, stats.payload_bytes)
+        state = self._validate_tensors(record.name, tensors)
+        update = ClientUpdate(client=record.name, num_examples=num_examples, state=state)
+        with self._changed:
+            self._check_round_accepts(record, round_index)   # the round may have closed meanwhile
+            assert self._round is not None
+            self._round.updates[client_id] = (update, stats)
+            self._changed.notify_all()
+        log.info("round %d: update from %s (%d examples, loss %.4f, %.1fs)",
+                 round_index, record.name, num_examples, stats.train_loss, stats.train_seconds)
+
+    def _check_round_accepts(self, record: ClientRecord, round_index: int) -> None:
+        current = self._round
+        if current is None or self._finished is not None:
+            raise NotAccepting(f"no round is open; update for round {round_index} from {record.name!r} rejected")
+        if round_index != current.index:
+            raise NotAccepting(f"update for round {round_index} from {record.name!r} rejected: "
+                               f"the open round is {current.index}")
+        if not current.open:
+            raise NotAccepting(f"round {round_index} is closed; late update from {record.name!r} rejected")
+        if record.client_id not in current.sampled:
+            raise NotAccepting(f"client {record.name!r} was not sampled in round {round_index}")
+        if record.client_id in current.updates:
+            raise DuplicateUpdate(f"client {record.name!r} already reported for round {round_index}")
+
+    def _validate_tensors(self, client: str, tensors: dict[str, torch.Tensor]) -> AdapterState:
+        expected = self._global
+        missing = sorted(expected.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - expected.keys())
+        if missing or extra:
+            raise BadRequest(f"upload from {client!r} has the wrong tensors: missing {missing[:3]}"
+                             f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        bound = self.config.federation.max_update_norm
+        clean: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise BadRequest(f"upload from {client!r}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                 f"expected {list(expected[name].shape)}")
+            if not tensor.is_floating_point():
+                raise BadRequest(f"upload from {client!r}: tensor {name!r} has dtype {tensor.dtype}; "
+                                 f"send float32, float16 or bfloat16")
+            value = tensor.to(torch.float32)
+            if not torch.isfinite(value).all():
+                raise BadRequest(f"upload from {client!r}: tensor {name!r} contains NaN or Inf")
+            norm = float(torch.linalg.vector_norm(value))
+            if bound is not None and norm > bound:
+                raise BadRequest(f"upload from {client!r}: tensor {name!r} has norm {norm:.4g} above "
+                                 f"max_update_norm={bound} (raise it in the config if this is legitimate)")
+            clean[name] = value
+        return AdapterState.from_state_dict(clean)
+
+    # ------------------------------------------------------------------ driver
+
+    def request_stop(self) -> None:
+        with self._changed:
+            self._stop_requested = True
+            self._changed.notify_all()
+
+    def run(self, wait_for_clients_s: float = 600.0) -> dict[str, Any]:
+        """Drive every round to the end; returns the run summary."""
+        num_rounds = self.config.federation.num_rounds
+        try:
+            self._wait_for_clients(wait_for_clients_s)
+            for round_index in range(self._completed_rounds + 1, num_rounds + 1):
+                if self._stop_requested:
+                    raise RunStopped(f"stop requested before round {round_index}")
+                self._open_round(round_index)
+                self._wait_for_updates(round_index)
+                self._close_round(round_index)
+            summary = summarize(self.run_dir.read_metrics())
+            self.run_dir.write_json("summary.json", summary)
+            self._finish(f"all {num_rounds} rounds completed")
+            return summary
+        except RunStopped as stop:
+            log.warning("%s", stop)
+            summary = {**summarize(self.run_dir.read_metrics()), "stopped_early": str(stop)}
+            self.run_dir.write_json("summary.json", summary)
+            self._finish(str(stop))
+            return summary
+        except BaseException as error:
+            self._finish(f"run aborted: {error}")
+            raise
+
+    def _finish(self, reason: str) -> None:
+        with self._changed:
+            self._finished = Finished(rounds_completed=self._completed_rounds, reason=reason)
+            self._changed.notify_all()
+
+    def _wait_for_clients(self, timeout_s: float) -> None:
+        needed = len(self.partition_sizes)
+        deadline = time.monotonic() + timeout_s
+        last_logged = -1
+        with self._changed:
+            while self.registry.num_joined() < needed:
+                if self._stop_requested:
+                    raise RunStopped("stop requested while waiting for clients")
+                joined = self.registry.num_joined()
+                if joined != last_logged:
+                    log.info("waiting for clients: %d of %d joined", joined, needed)
+                    last_logged = joined
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"only {joined} of {needed} clients joined within {timeout_s:.0f}s; "
+                                       f"start more clients or lower num_clients")
+                self._changed.wait(min(remaining, 5.0))
+        log.info("all %d clients joined", needed)
+
+    def _open_round(self, round_index: int) -> None:
+        fed = self.config.federation
+        partitions = sample_clients(len(self.partition_sizes), fed.clients_per_round(len(self.partition_sizes)),
+                                    fed.seed, round_index)
+        tensors = dict(self._global)
+        if self.strategy.uses_regularizer:
+            # The method's reference subspace travels with the adapter (none yet before round 1's step).
+            tensors.update({layer + REFERENCE_SUFFIX: basis for layer, basis in self._reference.items()})
+        specs, buffer = encode_tensors(tensors)
+        with self._changed:
+            sampled: dict[str, int] = {}
+            names: dict[str, str] = {}
+            for partition in partitions:
+                record = self.registry.for_partition(partition)
+                if record is None:
+                    raise RuntimeError(f"partition {partition} has no client")
+                sampled[record.client_id] = partition
+                names[record.client_id] = record.name
+            self._round = _Round(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer)
+            self._changed.notify_all()
+        log.info("round %d/%d: sampled %s", round_index, fed.num_rounds, sorted(names.values()))
+
+    def _wait_for_updates(self, round_index: int) -> None:
+        deadline = time.monotonic() + self.config.federation.round_timeout_s
+        with self._changed:
+            current = self._round
+            assert current is not None and current.index == round_index
+            while len(current.updates) < len(current.sampled):
+                if self._stop_requested:
+                    raise RunStopped(f"stop requested during round {round_index}; it was not committed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 1.0))
+            current.open = False
+            if not current.updates:
+                raise TimeoutError(f"round {round_index}: no sampled client reported within "
+                                   f"round_timeout_s={self.config.federation.round_timeout_s}")
+
+    def _close_round(self, round_index: int) -> None:
+        current = self._round
+        assert current is not None
+        started = time.time()
+        reported = sorted(current.updates.items(), key=lambda item: current.sampled[item[0]])
+        updates = [update for _, (update, _) in reported]
+        stats = {current.names[cid]: s for cid, (_, s) in reported}
+
+        global_state = AdapterState.from_state_dict(self._global)
+        result = self.strategy.aggregate(global_state, updates, self.settings)
+        new_global = {k: v.to(torch.float32).contiguous() for k, v in result.state.to_state_dict().items()}
+        diagnostics = alignment_metrics(updates, result.state, self.settings.scaling)
+        aggregation_seconds = time.time() - started
+
+        eval_started = time.time()
+        evaluation = self.model.evaluate(new_global)
+        eval_seconds = time.time() - eval_started
+
+        if self.config.federation.save_client_updates:
+            self.run_dir.save_client_updates(round_index, updates)
+        self.run_dir.round_adapter_dir(round_index).parent.mkdir(parents=True, exist_ok=True)
+        self.model.save(new_global, self.run_dir.round_adapter_dir(round_index))
+        accuracy = evaluation.get("accuracy")
+        if accuracy is not None and accuracy > self._best_accuracy:
+            self._best_accuracy = accuracy
+            self.run_dir.mark_best(round_index)
+
+        reference = {k: v.to(torch.float32).contiguous() for k, v in result.reference_basis.items()}
+        weights = [u.num_examples for u in updates]
+        train_losses = [s.train_loss for s in stats.values()]
+        line = {
+            "round": round_index,
+            "method": self.config.federation.method,
+            "accuracy": accuracy,
+            "loss": evaluation.get("loss"),
+            "eval_examples": evaluation.get("num_examples"),
+            "train_loss": sum(w * l for w, l in zip(weights, train_losses)) / sum(weights),
+            **diagnostics,
+            "participants": [current.names[cid] for cid, _ in reported],
+            "partitions": [current.sampled[cid] for cid, _ in reported],
+            "num_examples": weights,
+            "sampled": sorted(current.names.values()),
+            "stragglers": sorted(current.names[cid] for cid in current.sampled if cid not in current.updates),
+            "dropped": [],
+            "bytes_down": len(current.buffer) * sum(current.deliveries.values()),
+            "bytes_up": sum(s.payload_bytes for s in stats.values()),
+            "client_train_seconds": {name: round(s.train_seconds, 3) for name, s in stats.items()},
+            "mean_client_train_seconds": sum(s.train_seconds for s in stats.values()) / len(stats),
+            "local_steps": {name: s.local_steps for name, s in stats.items()},
+            "aggregation_seconds": aggregation_seconds,
+            "eval_seconds": eval_seconds,
+            "round_seconds": time.time() - current.opened_at,
+            "timestamp": time.time(),
+        }
+        # Commit: the checkpoint's state file is renamed last, so a crash leaves the previous round intact.
+        self.run_dir.commit_checkpoint(round_index, {**new_global, **{k + REFERENCE_SUFFIX: v for k, v in reference.items()}},
+                                       {"best_accuracy": self._best_accuracy, "registry": self.registry.snapshot()})
+        self.run_dir.append_metrics(line)
+        with self._changed:
+            self._global = new_global
+            self._reference = reference
+            self._completed_rounds = round_index
+        log.info("round %d done: accuracy %s, loss %s, basis overlap %s, cancellation %s",
+                 round_index, _fmt(accuracy), _fmt(evaluation.get("loss")),
+                 _fmt(diagnostics.get("basis_overlap")), _fmt(diagnostics.get("cancellation_ratio")))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

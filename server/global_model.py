@@ -1,0 +1,34 @@
+"""The coordinator's copy of the model: evaluates a global adapter and saves it in PEFT's format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from common.config import RunConfig
+from common.modeling import build_model, evaluate, get_adapter_state, save_adapter, set_adapter_state
+
+log = logging.getLogger(__name__)
+
+
+class ServerModel:
+    def __init__(self, config: RunConfig, eval_rows: list[dict], num_labels: int, device: str = "cpu") -> None:
+        self.config = config
+        self.eval_rows = eval_rows
+        log.info("loading model %s for server-side evaluation", config.model.model_name)
+        # The run seed fixes the initial LoRA A and head: every client starts from this state.
+        self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
+                                                 seed=config.federation.seed, device=device)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return get_adapter_state(self.model)
+
+    def evaluate(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        set_adapter_state(self.model, tensors)
+        return evaluate(self.model, self.tokenizer, self.eval_rows, self.config.data,
+                        batch_size=max(32, self.config.train.per_device_train_batch_size))
+
+    def save(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+        save_adapter(self.model, tensors, directory)

@@ -1,0 +1,145 @@
+"""The run directory: everything a run writes, each file written atomically.
+
+    config.yaml            resolved configuration
+    partition_stats.json   sizes and label histograms of the client partitions
+    metrics.jsonl          one JSON line per round
+    summary.json           best / final / last-5 accuracy, final loss and diagnostics
+    adapters/round_NNN/    the global adapter after round NNN, in PEFT's format
+    adapters/best/         the round with the best accuracy so far
+    checkpoint/            the last committed round (global adapter, reference basis, state)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and Inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.summary_path = self.path / "summary.json"
+        self.adapters = self.path / "adapters"
+        self.checkpoint = self.path / "checkpoint"
+
+    def write_config(self, flat_config: dict[str, Any]) -> None:
+        _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(flat_config, sort_keys=True))
+
+    def write_json(self, name: str, value: Any) -> None:
+        _atomic_write_text(self.path / name, json.dumps(_json_safe(value), indent=2, sort_keys=True) + "\n")
+
+    def append_metrics(self, line: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(_json_safe(line), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def round_adapter_dir(self, round_index: int) -> Path:
+        return self.adapters / f"round_{round_index:03d}"
+
+    def mark_best(self, round_index: int) -> None:
+        """Copy round NNN's adapter to adapters/best (copy beside, then swap)."""
+        source = self.round_adapter_dir(round_index)
+        staging = self.adapters / ".best.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        (staging / "round.txt").write_text(f"{round_index}\n")
+        old = self.adapters / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        best = self.adapters / "best"
+        if best.exists():
+            os.replace(best, old)
+        os.replace(staging, best)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def save_client_updates(self, round_index: int, updates: list) -> None:
+        """updates/round_NNN/<client>.safetensors, with num_examples in the file's metadata."""
+        directory = self.path / "updates" / f"round_{round_index:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for update in updates:
+            tensors = {k: v.contiguous() for k, v in update.state.to_state_dict().items()}
+            save_file(tensors, str(directory / f"{update.client}.safetensors"),
+                      metadata={"num_examples": str(update.num_examples), "client": update.client})
+
+    def commit_checkpoint(self, round_index: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Write tensors then the state file that points at them; the state file's rename is the commit."""
+        self.checkpoint.mkdir(parents=True, exist_ok=True)
+        tensor_file = self.checkpoint / f"round_{round_index:03d}.safetensors"
+        tmp = tensor_file.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, tensor_file)
+        _atomic_write_text(self.checkpoint / "latest.json",
+                           json.dumps({**state, "round": round_index, "tensors": tensor_file.name}, indent=2))
+        for stale in self.checkpoint.glob("round_*.safetensors"):
+            if stale != tensor_file:
+                stale.unlink(missing_ok=True)
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        latest = self.checkpoint / "latest.json"
+        if not latest.exists():
+            return None
+        state = json.loads(latest.read_text())
+        return state, load_file(str(self.checkpoint / state["tensors"]))
+
+
+def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run summary: best accuracy and its round, final accuracy, mean of the last 5, final loss, final diagnostics."""
+    if not metrics:
+        return {"rounds_completed": 0}
+    accuracies = [m.get("accuracy") for m in metrics]
+    scored = [(a, m["round"]) for a, m in zip(accuracies, metrics) if a is not None]
+    best_accuracy, best_round = max(scored, key=lambda item: (item[0], -item[1])) if scored else (None, None)
+    last5 = [a for a in accuracies[-5:] if a is not None]
+    final = metrics[-1]
+    diagnostics = ("cancellation_ratio", "client_global_cosine", "pairwise_client_cosine", "basis_overlap",
+                   "basis_overlap_sq", "update_subspace_overlap", "aggregation_error")
+    return {
+        "method": final.get("method"),
+        "rounds_completed": len(metrics),
+        "best_accuracy": best_accuracy,
+        "best_round": best_round,
+        "final_accuracy": final.get("accuracy"),
+        "mean_last5_accuracy": sum(last5) / len(last5) if last5 else None,
+        "final_loss": final.get("loss"),
+        "final_diagnostics": {key: final.get(key) for key in diagnostics},
+        "total_bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
+        "total_bytes_up": sum(m.get("bytes_up", 0) for m in metrics),
+        "total_round_seconds": sum(m.get("round_seconds", 0.0) for m in metrics),
+    }

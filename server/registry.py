@@ -1,0 +1,89 @@
+"""Who has joined: client names, ids and their data partitions."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+
+from server.errors import BadRequest, RegistryFull, UnknownClient
+
+
+@dataclass
+class ClientRecord:
+    client_id: str
+    name: str
+    partition: int
+    device: str
+    joined_at: float = field(default_factory=time.time)
+
+
+class ClientRegistry:
+    """Maps names to partitions (stable across rejoins) and ids to records.
+
+    A client that joins again under the same name gets a fresh id and keeps its
+    partition; its old id stops being valid, so a stale process cannot report
+    on behalf of the new one.
+    """
+
+    def __init__(self, num_partitions: int) -> None:
+        self._num_partitions = num_partitions
+        self._lock = threading.Lock()
+        self._by_id: dict[str, ClientRecord] = {}
+        self._by_name: dict[str, ClientRecord] = {}
+
+    def join(self, name: str, requested_partition: int, device: str) -> ClientRecord:
+        if not name or len(name) > 128:
+            raise BadRequest(f"client_name {name!r} must be 1 to 128 characters")
+        with self._lock:
+            previous = self._by_name.get(name)
+            if previous is not None:
+                if requested_partition not in (-1, previous.partition):
+                    raise BadRequest(f"client {name!r} holds partition {previous.partition}; "
+                                     f"it cannot switch to {requested_partition}")
+                partition = previous.partition
+                del self._by_id[previous.client_id]
+            else:
+                partition = self._assign_partition(name, requested_partition)
+            record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device)
+            self._by_id[record.client_id] = record
+            self._by_name[name] = record
+            return record
+
+    def _assign_partition(self, name: str, requested: int) -> int:
+        taken = {record.partition for record in self._by_name.values()}
+        if requested != -1:
+            if not 0 <= requested < self._num_partitions:
+                raise BadRequest(f"partition_index {requested} is out of range [0, {self._num_partitions})")
+            if requested in taken:
+                raise BadRequest(f"partition {requested} is already held by another client; "
+                                 f"pick another index or let the coordinator assign one (-1)")
+            return requested
+        free = [p for p in range(self._num_partitions) if p not in taken]
+        if not free:
+            raise RegistryFull(f"all {self._num_partitions} partitions are taken; client {name!r} cannot join "
+                               f"(raise num_clients or rejoin under an existing name)")
+        return free[0]
+
+    def get(self, client_id: str) -> ClientRecord:
+        with self._lock:
+            record = self._by_id.get(client_id)
+        if record is None:
+            raise UnknownClient(f"unknown client id {client_id[:12]!r}...; join first (or again after a restart)")
+        return record
+
+    def for_partition(self, partition: int) -> ClientRecord | None:
+        with self._lock:
+            for record in self._by_name.values():
+                if record.partition == partition:
+                    return record
+        return None
+
+    def num_joined(self) -> int:
+        with self._lock:
+            return len(self._by_name)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [{"name": r.name, "partition": r.partition, "device": r.device} for r in self._by_name.values()]

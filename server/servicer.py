@@ -1,0 +1,105 @@
+"""The gRPC servicer: proto in, one domain call, proto out; domain errors become status codes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from common.codec import CodecError, decode_tensors
+from proto import PROTOCOL_VERSION
+from proto import federation_pb2 as pb
+from proto import federation_pb2_grpc as pb_grpc
+from proto.serde import PayloadAssembler, chunks_to_proto, specs_from_proto, specs_to_proto, trailer_to_proto
+from server.coordinator import Coordinator, Finished, Task, UploadStats
+from server.errors import BadRequest, CoordinatorError, CorruptPayload, VersionMismatch
+
+log = logging.getLogger(__name__)
+
+
+def _check_version(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {version} is not supported; this coordinator speaks "
+                              f"version {PROTOCOL_VERSION}: upgrade the client")
+
+
+def _abort(context: grpc.ServicerContext, error: CoordinatorError) -> None:
+    log.warning("rejected: %s", error)
+    context.abort(getattr(grpc.StatusCode, error.status), str(error))
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator, run_id: str, partition_fingerprints: list[str]) -> None:
+        self.coordinator = coordinator
+        self.run_id = run_id
+        self.fingerprints = partition_fingerprints
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        try:
+            _check_version(request.protocol_version)
+            record = self.coordinator.join(request.client_name, request.partition_index, request.device)
+        except CoordinatorError as error:
+            _abort(context, error)
+        return pb.JoinReply(
+            protocol_version=PROTOCOL_VERSION, client_id=record.client_id,
+            run_config_json=self.coordinator.config.to_json(), partition_index=record.partition,
+            num_partitions=len(self.fingerprints), partition_fingerprint=self.fingerprints[record.partition],
+            run_id=self.run_id,
+        )
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
+        try:
+            _check_version(request.protocol_version)
+            task = self.coordinator.next_task(request.client_id)
+        except CoordinatorError as error:
+            _abort(context, error)
+        if isinstance(task, Finished):
+            yield pb.TaskMessage(finished=pb.RunFinished(rounds_completed=task.rounds_completed, reason=task.reason))
+        elif isinstance(task, Task):
+            yield pb.TaskMessage(header=pb.TaskHeader(
+                protocol_version=PROTOCOL_VERSION, round=task.round, method=task.method, round_seed=task.round_seed,
+                payload=specs_to_proto(task.specs, len(task.buffer))))
+            for chunk in chunks_to_proto(task.buffer):
+                yield pb.TaskMessage(chunk=chunk)
+            yield pb.TaskMessage(trailer=trailer_to_proto(task.buffer))
+        else:
+            yield pb.TaskMessage(wait=pb.Wait(retry_after_ms=task.retry_after_ms, reason=task.reason))
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext) -> pb.SubmitReply:
+        try:
+            header, buffer = self._receive_update(request_iterator)
+            tensors = decode_tensors(specs_from_proto(header.payload, self.coordinator.max_payload_bytes), buffer)
+            self.coordinator.submit(header.client_id, header.round, header.num_examples, tensors, UploadStats(
+                train_loss=header.train_loss, train_seconds=header.train_seconds,
+                local_steps=header.local_steps, payload_bytes=len(buffer)))
+        except CodecError as error:
+            _abort(context, BadRequest(str(error)))
+        except CoordinatorError as error:
+            _abort(context, error)
+        return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted",
+                              bytes_received=len(buffer))
+
+    def _receive_update(self, messages: Iterator[pb.UpdateMessage]) -> tuple[pb.UpdateHeader, bytes]:
+        """Header first (checked before any payload is read), then chunks, then the trailer."""
+        first = next(messages, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise BadRequest("an upload must start with an UpdateHeader")
+        header = first.header
+        _check_version(header.protocol_version)
+        self.coordinator.check_upload_header(header.client_id, header.round, header.num_examples,
+                                             header.payload.total_bytes)
+        assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
+        for message in messages:
+            kind = message.WhichOneof("kind")
+            try:
+                if kind == "chunk":
+                    assembler.add(message.chunk)
+                elif kind == "trailer":
+                    return header, assembler.finish(message.trailer)
+                else:
+                    raise BadRequest(f"unexpected {kind!r} message inside an upload")
+            except CodecError as error:
+                raise CorruptPayload(str(error)) from None
+        raise CorruptPayload(f"upload stream ended without a trailer after {assembler.received} of "
+                             f"{header.payload.total_bytes} bytes (truncated)")
