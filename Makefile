@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(ROUNDS)) $(if $(CLIENTS),num_clients=$(CLIENTS)) $(ARGS)
 
-.PHONY: help setup proto run smoke test bench clean
+.PHONY: help setup proto run smoke test bench certs clean docker-test docker-check
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
@@ -24,6 +24,7 @@ help:
 	@echo "make test     the test suite (unit + integration on loopback)"
 	@echo "make bench    benchmarks (results go in BENCHMARKS.md)"
 	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
+	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -41,13 +42,25 @@ run: proto
 
 smoke: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \
-		num_rounds=2 max_train_samples=400 max_eval_samples=100 $(RUN_OVERRIDES)
+		num_rounds=2 num_clients=3 client_fraction=0.67 max_train_samples=300 max_eval_samples=100 $(RUN_OVERRIDES)
 
 test: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) -m bench.math
+
+certs:
+	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)
+
+# A real Docker engine of its own (root; Debian's docker.io, docker-compose and debootstrap are installed
+# if missing), a base image made with debootstrap, an offline build, a 2-round compose federation.
+docker-test:
+	bash scripts/docker_test.sh
+
+# Static check of docker-compose.yml, docker-compose.gpu.yml and docker/compose.*.yml (no Docker needed).
+docker-check: $(STAMP)
+	$(PYTHON) scripts/check_compose.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis proto/federation_pb2*.py proto/federation_pb2*.pyi

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +30,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: from the run config)")
     parser.add_argument("--save-received", default=None, metavar="DIR",
                         help="debugging: save every received task's tensors under DIR")
+    parser.add_argument("--token-file", help="the coordinator's shared token (or set SUBSPACEFL_TOKEN)")
+    parser.add_argument("--tls-ca", help="CA (PEM) that signed the coordinator's certificate; enables TLS")
+    parser.add_argument("--tls-cert", help="this client's certificate (PEM), for mutual TLS")
+    parser.add_argument("--tls-key", help="this client's private key (PEM), for mutual TLS")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     return parser.parse_args(argv)
 
@@ -44,17 +49,26 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"error: --device {args.device} but CUDA is not available here; use --device cpu", file=sys.stderr)
             return 2
-    from client.connection import CoordinatorGone
-    from client.runtime import ClientOptions, run_client
+    from client.connection import ClientSecurity, CoordinatorGone, NotAuthenticated
+    from client.runtime import ClientOptions, RunChanged, run_client
 
+    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("SUBSPACEFL_TOKEN")
+    security = ClientSecurity(token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
     options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
                             partition=args.partition, patience_s=args.patience, save_received=args.save_received,
-                            threads=args.threads)
+                            threads=args.threads, security=security)
+    logger = logging.getLogger("client")
     try:
         return run_client(options)
     except CoordinatorGone as error:
-        logging.getLogger("client").error("%s", error)
+        logger.error("%s", error)
         return 3
+    except NotAuthenticated as error:
+        logger.error("%s", error)
+        return 4
+    except RunChanged as error:
+        logger.error("%s", error)
+        return 5
     except KeyboardInterrupt:
         return 130
 

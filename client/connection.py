@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -28,10 +30,38 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_DOWNLOAD_BYTES = 8 << 30
+TLS_REFUSALS_BEFORE_GIVING_UP = 3
 
 
 class CoordinatorGone(RuntimeError):
     """The coordinator stayed unreachable for longer than the client's patience."""
+
+
+class RunIsOver(RuntimeError):
+    """The coordinator said (on the keep-alive stream) that the run ended while this client was busy."""
+
+
+class NotAuthenticated(RuntimeError):
+    """The coordinator refused this client's token or certificate."""
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    token: str | None = None
+    tls_ca: str | None = None
+    """CA that signed the coordinator's certificate; enables TLS."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    """This client's certificate and key, for a coordinator that requires mutual TLS."""
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.tls_ca or self.tls_cert):
+            return None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both")
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca), private_key=read(self.tls_key),
+                                            certificate_chain=read(self.tls_cert))
 
 
 @dataclass(frozen=True)
@@ -42,6 +72,7 @@ class JoinInfo:
     num_partitions: int
     partition_fingerprint: str
     run_id: str
+    heartbeat_interval_s: float
 
 
 @dataclass(frozen=True)
@@ -66,27 +97,73 @@ class RunOver:
 
 
 class CoordinatorConnection:
-    def __init__(self, address: str, patience_s: float = 300.0, max_backoff_s: float = 10.0) -> None:
+    def __init__(self, address: str, patience_s: float = 300.0, max_backoff_s: float = 10.0,
+                 security: ClientSecurity | None = None) -> None:
         self.address = address
         self.patience_s = patience_s
         self.max_backoff_s = max_backoff_s
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        security = security or ClientSecurity()
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.keepalive_permit_without_calls", 1)]
+        credentials = security.channel_credentials()
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials
+                        else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else ()
+        self.uses_tls = credentials is not None
+        self._keepalive_stop = threading.Event()
+        self.run_over_reason: str | None = None   # set by the keep-alive thread when the run ended
+        self._keepalive_thread: threading.Thread | None = None
 
     def close(self) -> None:
+        self._keepalive_stop.set()
         self.channel.close()
+
+    def start_keepalive(self, current_client_id: Callable[[], str], interval_s: float) -> None:
+        """Hold a KeepAlive stream open in the background, one Heartbeat per interval, reopening it after errors."""
+        def beats() -> Iterator[pb.Heartbeat]:
+            client_id = current_client_id()
+            while not self._keepalive_stop.is_set() and client_id == current_client_id():
+                yield pb.Heartbeat(protocol_version=PROTOCOL_VERSION, client_id=client_id)
+                self._keepalive_stop.wait(interval_s)
+
+        def loop() -> None:
+            while not self._keepalive_stop.is_set():
+                try:
+                    reply = self.stub.KeepAlive(beats(), metadata=self.metadata)
+                    if reply.run_over:
+                        self.run_over_reason = reply.message
+                        return
+                except grpc.RpcError as error:
+                    log.debug("keep-alive stream ended: %s", error.code().name)
+                except ValueError:      # the channel was closed under us
+                    return
+                self._keepalive_stop.wait(min(interval_s, 1.0))
+
+        self._keepalive_thread = threading.Thread(target=loop, name="keepalive", daemon=True)
+        self._keepalive_thread.start()
 
     def _with_retry(self, what: str, call: Callable[[], T]) -> T:
         """Retry transient failures with capped exponential backoff and jitter, up to the patience."""
         started = time.monotonic()
         delay = 0.5
+        tls_refusals = 0
         while True:
+            if self.run_over_reason is not None:
+                raise RunIsOver(self.run_over_reason)
             try:
                 return call()
             except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise NotAuthenticated(f"coordinator at {self.address} refused this client: "
+                                           f"{error.details()}") from None
+                tls_refusals = tls_refusals + 1 if self.uses_tls and _is_tls_refusal(error) else 0
+                if tls_refusals >= TLS_REFUSALS_BEFORE_GIVING_UP:
+                    # gRPC enforces mutual TLS in the handshake, so a refused certificate never reaches a
+                    # handler that could answer UNAUTHENTICATED; the coordinator just closes the socket.
+                    raise NotAuthenticated(f"TLS handshake with {self.address} refused {tls_refusals} times "
+                                           f"(UNAUTHENTICATED): check --tls-ca, and for a coordinator that requires "
+                                           f"mutual TLS, --tls-cert/--tls-key signed by its CA ({error.details()})") from None
                 if error.code() not in _RETRYABLE:
                     raise
                 waited = time.monotonic() - started
@@ -99,15 +176,17 @@ class CoordinatorConnection:
                 delay = min(delay * 2, self.max_backoff_s)
 
     def join(self, name: str, partition_index: int = -1, device: str = "") -> JoinInfo:
+        """Register under ``name``; retried while the coordinator is unreachable."""
         request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, client_name=name,
                                  partition_index=partition_index, device=device)
-        reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30))
+        reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30, metadata=self.metadata))
         return JoinInfo(reply.client_id, reply.run_config_json, reply.partition_index, reply.num_partitions,
-                        reply.partition_fingerprint, reply.run_id)
+                        reply.partition_fingerprint, reply.run_id, reply.heartbeat_interval_ms / 1000 or 5.0)
 
     def next_task(self, client_id: str) -> ReceivedTask | WaitHint | RunOver:
         request = pb.TaskRequest(protocol_version=PROTOCOL_VERSION, client_id=client_id)
-        return self._with_retry("fetch task", lambda: self._receive_task(self.stub.GetTask(request, timeout=600)))
+        return self._with_retry("fetch task", lambda: self._receive_task(
+            self.stub.GetTask(request, timeout=600, metadata=self.metadata)))
 
     @staticmethod
     def _receive_task(stream: Iterator[pb.TaskMessage]) -> ReceivedTask | WaitHint | RunOver:
@@ -144,4 +223,11 @@ class CoordinatorConnection:
                 yield pb.UpdateMessage(chunk=chunk)
             yield pb.UpdateMessage(trailer=trailer_to_proto(buffer))
 
-        return self._with_retry("upload", lambda: self.stub.SubmitUpdate(messages(), timeout=600))
+        return self._with_retry("upload", lambda: self.stub.SubmitUpdate(messages(), timeout=600,
+                                                                          metadata=self.metadata))
+
+
+def _is_tls_refusal(error: grpc.RpcError) -> bool:
+    """A handshake the peer refused (bad or missing certificate) surfaces as UNAVAILABLE; tell it apart."""
+    details = (error.details() or "").lower()
+    return any(word in details for word in ("handshake", "ssl", "certificate", "tls", "socket closed"))

@@ -11,7 +11,8 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from client.connection import CoordinatorConnection, ReceivedTask, RunOver, WaitHint
+from client.connection import (ClientSecurity, CoordinatorConnection, JoinInfo, ReceivedTask, RunIsOver, RunOver,
+                               WaitHint)
 from client.trainer import LocalTrainer
 from common.config import RunConfig
 from common.federated_data import fingerprint, partition_dataset
@@ -32,6 +33,11 @@ class ClientOptions:
     save_received: str | None = None
     """Debugging: write every received task's tensors to DIR/round_NNN.safetensors."""
     threads: int | None = None
+    security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
+
+
+class RunChanged(RuntimeError):
+    """After a reconnect the coordinator serves a different run than the one this client joined."""
 
 
 def _load_rows(config: RunConfig, options: ClientOptions, partition_index: int, expected_fingerprint: str):
@@ -50,31 +56,63 @@ def _load_rows(config: RunConfig, options: ClientOptions, partition_index: int, 
     return [data.train[i] for i in indices], len(data.label_names)
 
 
+class ClientSession:
+    """This process's membership: its session id, renewed by rejoining under the same name when the
+    coordinator no longer knows it (a coordinator restart, or a drop after a cut link)."""
+
+    def __init__(self, connection: CoordinatorConnection, options: ClientOptions) -> None:
+        self.connection = connection
+        self.options = options
+        self.info: JoinInfo = connection.join(options.name, options.partition, options.device)
+
+    @property
+    def client_id(self) -> str:
+        return self.info.client_id
+
+    def rejoin(self) -> None:
+        info = self.connection.join(self.options.name, self.info.partition_index, self.options.device)
+        if info.run_id != self.info.run_id:
+            raise RunChanged(f"the coordinator now serves run {info.run_id}, not {self.info.run_id}; "
+                             f"restart this client to join the new run")
+        log.info("rejoined run %s as partition %d", info.run_id, info.partition_index)
+        self.info = info
+
+
 def run_client(options: ClientOptions) -> int:
-    connection = CoordinatorConnection(options.coordinator, patience_s=options.patience_s)
+    connection = CoordinatorConnection(options.coordinator, patience_s=options.patience_s, security=options.security)
     try:
-        info = connection.join(options.name, options.partition, options.device)
+        session = ClientSession(connection, options)
+        info = session.info
         config = RunConfig.from_json(info.run_config_json)
         torch.set_num_threads(options.threads or config.train.torch_threads)
         log.info("%s joined run %s as partition %d of %d (method %s)", options.name, info.run_id,
                  info.partition_index, info.num_partitions, config.federation.method)
+        connection.start_keepalive(lambda: session.client_id, info.heartbeat_interval_s)
         rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
         trainer = LocalTrainer(config, rows, num_labels, device=options.device)
-        client_id = info.client_id
         while True:
-            task = connection.next_task(client_id)
-            if isinstance(task, RunOver):
-                log.info("run over after %d rounds: %s", task.rounds_completed, task.reason)
+            try:
+                task = connection.next_task(session.client_id)
+                if isinstance(task, RunOver):
+                    log.info("run over after %d rounds: %s", task.rounds_completed, task.reason)
+                    return 0
+                if isinstance(task, WaitHint):
+                    time.sleep(task.retry_after_ms / 1000)
+                    continue
+                _do_round(connection, session, trainer, task, options)
+            except RunIsOver as over:
+                log.info("run over: %s", over)
                 return 0
-            if isinstance(task, WaitHint):
-                time.sleep(task.retry_after_ms / 1000)
-                continue
-            _do_round(connection, client_id, trainer, task, options)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                log.warning("the coordinator does not know this session (%s); rejoining", error.details())
+                session.rejoin()
     finally:
         connection.close()
 
 
-def _do_round(connection: CoordinatorConnection, client_id: str, trainer: LocalTrainer,
+def _do_round(connection: CoordinatorConnection, session: ClientSession, trainer: LocalTrainer,
               task: ReceivedTask, options: ClientOptions) -> None:
     log.info("round %d: received %d tensors (%.2f MB), training", task.round, len(task.tensors),
              task.payload_bytes / 1e6)
@@ -84,7 +122,7 @@ def _do_round(connection: CoordinatorConnection, client_id: str, trainer: LocalT
         save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(target / f"round_{task.round:03d}.safetensors"))
     result = trainer.train_round(task.round, task.tensors, task.round_seed)
     try:
-        reply = connection.submit(client_id, task.round, result.num_examples, result.tensors,
+        reply = connection.submit(session.client_id, task.round, result.num_examples, result.tensors,
                                   result.train_loss, result.train_seconds, result.local_steps)
         log.info("round %d: trained %d steps in %.1fs (loss %.4f), uploaded %d bytes", task.round,
                  result.local_steps, result.train_seconds, result.train_loss, reply.bytes_received)

@@ -46,7 +46,7 @@ class LocalTrainer:
         self.show_progress = show_progress
         self.strategy = get_strategy(config.federation.method)
         self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
-                                                 seed=config.federation.seed, device=device)
+                                                 seed=config.federation.seed, device=device, task=config.data.task)
         self.lora = lora_parameters(self.model)
 
     def _micro_batches(self, generator: torch.Generator) -> Iterator[list[dict]]:

@@ -73,10 +73,11 @@ def decode_tensors(specs: list[TensorSpec], buffer: bytes | bytearray) -> dict[s
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
         dtype = DTYPES[spec.dtype]
-        raw = backing[spec.offset: spec.offset + spec.nbytes]
+        # A copy starts at an aligned address whatever the offset, and owns its memory.
+        raw = backing[spec.offset: spec.offset + spec.nbytes].clone()
         if _BIG_ENDIAN and raw.numel() and dtype.itemsize > 1:
             raw = raw.view(-1, dtype.itemsize).flip(1).contiguous().view(-1)
-        tensors[spec.name] = raw.view(dtype).reshape(spec.shape).clone()
+        tensors[spec.name] = raw.view(dtype).reshape(spec.shape)
     return tensors
 
 

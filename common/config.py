@@ -21,6 +21,9 @@ import yaml
 
 METHODS = ("fedavg", "svd", "fedsvd", "subspace_reg")
 
+AUTO_TARGET_MODULES = "auto"
+"""``target_modules: auto``: LoRA targets chosen from the model family (config.model_type)."""
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -49,8 +52,11 @@ class ModelConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    """Module name suffixes that get LoRA adapters (per model family)."""
+    target_modules: list[str] = field(default_factory=lambda: [AUTO_TARGET_MODULES])
+    """Module name suffixes that get LoRA adapters, or ``auto``: chosen from the model's
+    config.model_type (common.modeling.TARGET_MODULES_BY_FAMILY): bert / roberta:
+    query, key, value, dense; llama (SmolLM): q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj; gpt2: c_attn, c_proj, c_fc; ..."""
     train_head: bool = True
     """Train the classification head (PEFT modules_to_save) next to the adapters."""
 
@@ -65,6 +71,9 @@ class ModelConfig:
         _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha!r}: must be positive (16 in the reference study)")
         _require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout!r}: must be in [0, 1)")
         _require(len(self.target_modules) > 0, "target_modules is empty: name at least one module, e.g. [query, value]")
+        _require(AUTO_TARGET_MODULES not in self.target_modules or len(self.target_modules) == 1,
+                 f"target_modules={self.target_modules!r}: 'auto' cannot be combined with module names; "
+                 "give either auto or a list such as [q_proj, v_proj]")
 
     @property
     def scaling(self) -> float:
@@ -160,6 +169,16 @@ class FederationConfig:
     """Uploads whose tensors exceed this Frobenius norm are rejected as corrupt; null disables it."""
     save_client_updates: bool = False
     """Keep every accepted upload under updates/round_NNN/ in the run directory (audits, tests)."""
+    min_clients_per_round: int | None = None
+    """Quorum: aggregate a round once this many sampled clients reported and the rest dropped
+    out or missed the deadline. null: use min_sampled_fraction."""
+    min_sampled_fraction: float = 0.5
+    """Quorum as a share of the sampled clients (rounded up), when min_clients_per_round is null."""
+    quorum_policy: str = "retry"
+    """Below quorum: ``retry`` the round with a fresh sample of connected clients, or ``stop`` the run."""
+    max_round_retries: int = 3
+    heartbeat_timeout_s: float = 30.0
+    """A client whose heartbeats stop for this long is dropped from the open round."""
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method={self.method!r}: use one of {', '.join(METHODS)}")
@@ -172,10 +191,23 @@ class FederationConfig:
         _require(clip is None or clip > 0,
                  f"max_effective_lora_update_norm={clip!r}: must be positive or null (no clipping)")
         _require(self.round_timeout_s > 0, f"round_timeout_s={self.round_timeout_s!r}: must be positive")
+        _require(self.min_clients_per_round is None or self.min_clients_per_round >= 1,
+                 f"min_clients_per_round={self.min_clients_per_round!r}: must be at least 1 or null")
+        _require(0.0 < self.min_sampled_fraction <= 1.0,
+                 f"min_sampled_fraction={self.min_sampled_fraction!r}: must be in (0, 1]")
+        _require(self.quorum_policy in ("retry", "stop"), f"quorum_policy={self.quorum_policy!r}: use retry or stop")
+        _require(self.max_round_retries >= 0, f"max_round_retries={self.max_round_retries!r}: must be >= 0")
+        _require(self.heartbeat_timeout_s >= 1.0,
+                 f"heartbeat_timeout_s={self.heartbeat_timeout_s!r}: must be at least 1 second")
 
     def clients_per_round(self, num_clients: int) -> int:
         """m = ceil(N * client_fraction), at least 1."""
         return max(1, math.ceil(num_clients * self.client_fraction - 1e-9))
+
+    def quorum(self, sampled: int) -> int:
+        """Fewest reports that make a round count: min_clients_per_round, else ceil(m * min_sampled_fraction)."""
+        wanted = self.min_clients_per_round or math.ceil(sampled * self.min_sampled_fraction - 1e-9)
+        return max(1, min(sampled, wanted))
 
 
 SECTIONS: dict[str, type] = {
@@ -198,7 +230,7 @@ def _field_owner() -> dict[str, str]:
 def _coerce(cls: type, key: str, value: Any) -> Any:
     """Turn YAML / CLI values into the field's type (ints given as floats, '1e-4' strings, ...)."""
     hint = get_type_hints(cls)[key]
-    text = str(hint)
+    text = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
     if value is None:
         if "None" not in text:
             raise ConfigError(f"{key}: null is not allowed here; give a value")

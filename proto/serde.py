@@ -41,9 +41,14 @@ def specs_from_proto(header: pb.PayloadHeader, max_bytes: int) -> list[TensorSpe
             raise CodecError(f"tensor {t.name!r} has unsupported dtype code {t.dtype}")
         specs.append(TensorSpec(t.name, _DTYPE_FROM_PROTO[t.dtype], tuple(t.shape), t.offset, t.nbytes))
     validate_specs(specs, header.total_bytes)
-    covered = sum(s.nbytes for s in specs)
-    if covered != header.total_bytes:
-        raise CodecError(f"tensors cover {covered} bytes but the payload declares {header.total_bytes}")
+    end = 0
+    for spec in sorted(specs, key=lambda s: s.offset):
+        if spec.offset != end:
+            raise CodecError(f"tensor {spec.name!r} starts at byte {spec.offset}, expected {end}: "
+                             f"tensors must tile the payload without gaps or overlaps")
+        end = spec.offset + spec.nbytes
+    if end != header.total_bytes:
+        raise CodecError(f"tensors cover {end} bytes but the payload declares {header.total_bytes}")
     return specs
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig, parse_overrides
+
+
+EXIT_CODES = {"completed": 0, "stopped": 0, "quorum_lost": 1}
+"""A run stopped by the operator (SIGTERM) ended as asked; one that lost its quorum failed."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,6 +32,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--address-file", help="write the bound host:port to this file once listening")
     parser.add_argument("--wait-for-clients", type=float, default=600.0, metavar="SECONDS",
                         help="give up if num_clients have not joined within this time (default: 600)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its last committed round")
+    parser.add_argument("--token-file", help="require this shared token from clients (or set SUBSPACEFL_TOKEN)")
+    parser.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    parser.add_argument("--tls-key", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", help="CA (PEM) that signs client certificates; enables mutual TLS")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_rounds=5")
     return parser.parse_args(argv)
@@ -40,12 +51,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.resume and not args.run_dir:
+        print("error: --resume needs --run-dir (the run to continue)", file=sys.stderr)
+        return 2
     run_dir = args.run_dir or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
     from server.app import serve   # heavy imports after argument checks, so --help stays fast
+    from server.security import SecurityConfig
 
-    summary = serve(config, run_dir, args.address, args.address_file, args.wait_for_clients)
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("SUBSPACEFL_TOKEN")
+        security = SecurityConfig(token=token or None, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        summary = serve(config, run_dir, args.address, args.address_file, args.wait_for_clients,
+                        resume=args.resume, security=security)
+    except ConfigError as error:   # refused run directory or resume
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
-    return 0
+    return EXIT_CODES.get(summary.get("status", "completed"), 1)
 
 
 if __name__ == "__main__":

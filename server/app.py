@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.federated_data import fingerprint, partition_dataset
 from common.partition import partition_stats
 from common.tasks import load_task_data
@@ -22,11 +23,14 @@ from proto import federation_pb2_grpc as pb_grpc
 from server.coordinator import Coordinator
 from server.global_model import ServerModel
 from server.outputs import RunDirectory
+from server.security import SecurityConfig, TokenInterceptor, bind
 from server.servicer import CoordinatorServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "subspacefl.v1.Coordinator"
+RESUMABLE_KEYS = {"num_rounds", "round_timeout_s", "heartbeat_timeout_s", "max_round_retries", "quorum_policy"}
+"""Keys that may change when a run is resumed; any other difference is refused."""
 
 
 @dataclass
@@ -42,9 +46,27 @@ class CoordinatorApp:
         self.server.stop(grace_s).wait()
 
 
+def _check_run_dir(config: RunConfig, directory: RunDirectory, resume: bool) -> None:
+    """Never overwrite a run by accident; on resume, refuse a config that would change its meaning."""
+    committed = (directory.checkpoint / "latest.json").exists()
+    if committed and not resume:
+        raise ConfigError(f"{directory.path} already holds a run; pass --resume to continue it, "
+                          f"or choose another --run-dir")
+    stored_path = directory.path / "config.yaml"
+    if resume and stored_path.exists():
+        stored = yaml.safe_load(stored_path.read_text()) or {}
+        current = config.to_flat()
+        changed = sorted(k for k in current if k not in RESUMABLE_KEYS and stored.get(k) != current[k])
+        if changed:
+            raise ConfigError(f"--resume with a different config: {', '.join(changed)} differ from "
+                              f"{stored_path}; resume with the stored config (--config {stored_path})")
+
+
 def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[::]:50051",
-                      poll_timeout_s: float = 10.0) -> CoordinatorApp:
+                      poll_timeout_s: float = 10.0, resume: bool = False,
+                      security: SecurityConfig | None = None) -> CoordinatorApp:
     directory = RunDirectory(run_dir)
+    _check_run_dir(config, directory, resume)
     directory.write_config(config.to_flat())
 
     data = load_task_data(config.data, seed=config.federation.seed)
@@ -55,26 +77,32 @@ def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[:
 
     model = ServerModel(config, data.eval, num_labels=len(data.label_names))
     coordinator = Coordinator(config, directory, model, model.initial_state(),
-                              partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s)
+                              partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s,
+                              run_id=secrets.token_hex(8))
+    if resume:
+        committed = coordinator.restore()
+        directory.append_event({"event": "resumed", "after_round": committed})
 
     server, health_servicer, port = start_grpc_server(
-        coordinator, secrets.token_hex(8), [fingerprint(ix) for ix in partition.indices], address)
+        coordinator, [fingerprint(ix) for ix in partition.indices], address, security or SecurityConfig())
     return CoordinatorApp(coordinator, server, health_servicer, port, directory)
 
 
-def start_grpc_server(coordinator: Coordinator, run_id: str, fingerprints: list[str],
-                      address: str) -> tuple[grpc.Server, health.HealthServicer, int]:
+def start_grpc_server(coordinator: Coordinator, fingerprints: list[str], address: str,
+                      security: SecurityConfig = SecurityConfig()) -> tuple[grpc.Server, health.HealthServicer, int]:
     """Bind the servicer and the standard health service; returns the started server and its port."""
-    workers = max(16, 2 * len(fingerprints) + 8)   # each long poll holds a worker thread
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=[
-        ("grpc.keepalive_time_ms", 20_000),
+    workers = max(16, 3 * len(fingerprints) + 8)   # each client holds a long poll and a keep-alive stream
+    interceptors = [TokenInterceptor(security.token)] if security.token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors, options=[
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, run_id, fingerprints), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, fingerprints), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    port = bind(server, address, security)
     if port == 0:
         raise OSError(f"could not bind the coordinator to {address}; is the port in use?")
     server.start()
@@ -84,16 +112,17 @@ def start_grpc_server(coordinator: Coordinator, run_id: str, fingerprints: list[
 
 
 def serve(config: RunConfig, run_dir: str | Path, address: str, address_file: str | None,
-          wait_for_clients_s: float) -> dict:
-    app = build_coordinator(config, run_dir, address)
+          wait_for_clients_s: float, resume: bool = False, security: SecurityConfig | None = None) -> dict:
+    app = build_coordinator(config, run_dir, address, resume=resume, security=security)
     host = address.rsplit(":", 1)[0]
     bound = f"{host}:{app.port}"
-    log.info("coordinator listening on %s (run directory %s)", bound, app.run_dir.path)
+    log.info("coordinator listening on %s%s (run directory %s)", bound,
+             " with TLS" if security and security.uses_tls else "", app.run_dir.path)
     if address_file:
         Path(address_file).write_text(bound + "\n")
 
     def on_signal(signum: int, _frame) -> None:
-        log.warning("received signal %d: stopping", signum)
+        log.warning("received signal %d: aborting the open round; the last committed round stays", signum)
         app.coordinator.request_stop()
 
     if threading.current_thread() is threading.main_thread():
@@ -101,7 +130,8 @@ def serve(config: RunConfig, run_dir: str | Path, address: str, address_file: st
         signal.signal(signal.SIGINT, on_signal)
     try:
         summary = app.coordinator.run(wait_for_clients_s=wait_for_clients_s)
-        time.sleep(1.0)   # let waiting clients collect RunFinished before the port closes
+        # Clients learn of the end on their next long poll or heartbeat; wait for that before closing the port.
+        app.coordinator.wait_until_clients_informed(app.coordinator.heartbeat_interval_s() + 2.0)
         return summary
     finally:
         app.stop()

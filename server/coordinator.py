@@ -44,6 +44,10 @@ class RunStopped(Exception):
     """The operator asked the coordinator to stop (SIGTERM, Ctrl-C) before the last round."""
 
 
+class QuorumLost(RuntimeError):
+    """Too few sampled clients reported and the quorum policy (or its retries) gave up."""
+
+
 class GlobalModel(Protocol):
     """What the coordinator needs of the model: server-side evaluation and PEFT-format saving."""
 
@@ -88,8 +92,10 @@ class _Round:
     names: dict[str, str]                          # client id -> name
     specs: list[TensorSpec]
     buffer: bytes
+    attempt: int = 0                               # > 0 when the round is retried below quorum
     opened_at: float = field(default_factory=time.time)
     open: bool = True
+    dropped: dict[str, str] = field(default_factory=dict)      # client id -> why it was dropped
     deliveries: dict[str, int] = field(default_factory=dict)   # client id -> times the task was fetched
     updates: dict[str, tuple[ClientUpdate, UploadStats]] = field(default_factory=dict)
 
@@ -103,7 +109,7 @@ def round_seed(seed: int, round_index: int, partition: int) -> int:
 class Coordinator:
     def __init__(self, config: RunConfig, run_dir: RunDirectory, model: GlobalModel,
                  initial_state: dict[str, torch.Tensor], partition_sizes: list[int],
-                 poll_timeout_s: float = 10.0, max_payload_bytes: int = 2 << 30) -> None:
+                 poll_timeout_s: float = 10.0, max_payload_bytes: int = 2 << 30, run_id: str = "") -> None:
         self.config = config
         self.run_dir = run_dir
         self.model = model
@@ -125,6 +131,31 @@ class Coordinator:
         self._completed_rounds = 0
         self._best_accuracy = -math.inf
         self._stop_requested = False
+        self._informed: set[str] = set()   # client ids told that the run is over
+        self.run_id = run_id
+
+    def restore(self) -> int:
+        """Continue from the run directory's last committed round; returns that round (0: nothing committed)."""
+        loaded = self.run_dir.load_checkpoint()
+        if loaded is None:
+            self.run_dir.truncate_metrics(after_round=0)
+            return 0
+        state, tensors = loaded
+        adapter = {k: v for k, v in tensors.items() if not k.endswith(REFERENCE_SUFFIX)}
+        mismatched = sorted(k for k in adapter.keys() | self._global.keys()
+                            if k not in adapter or k not in self._global or adapter[k].shape != self._global[k].shape)
+        if mismatched:
+            raise ValueError(f"checkpoint in {self.run_dir.checkpoint} does not match this model and config "
+                             f"(differing tensors: {mismatched[:3]}); resume with the run's own config.yaml")
+        self._global = {k: v.to(torch.float32) for k, v in adapter.items()}
+        self._reference = {k[: -len(REFERENCE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(REFERENCE_SUFFIX)}
+        self._completed_rounds = int(state["round"])
+        self._best_accuracy = float(state.get("best_accuracy", -math.inf))
+        self.run_id = state.get("run_id", self.run_id)
+        self.registry.restore(state.get("registry", []))
+        self.run_dir.truncate_metrics(after_round=self._completed_rounds)
+        log.info("resuming after committed round %d (clients rejoin by name)", self._completed_rounds)
+        return self._completed_rounds
 
     # ------------------------------------------------------------------ servicer API
 
@@ -134,6 +165,36 @@ class Coordinator:
         with self._changed:
             self._changed.notify_all()
         return record
+
+    def keepalive(self, client_id: str, is_open: bool) -> None:
+        """A heartbeat (is_open) or the end of a client's KeepAlive stream (not is_open)."""
+        self.registry.keepalive(client_id, is_open)
+        if not is_open:
+            with self._changed:
+                self._changed.notify_all()   # the round waiter drops the client now, not at the deadline
+
+    def finished_for(self, client_id: str) -> Finished | None:
+        """The run's end, once over, recording that this client has been told."""
+        with self._changed:
+            if self._finished is None:
+                return None
+            self._informed.add(client_id)
+            self._changed.notify_all()
+            return self._finished
+
+    def wait_until_clients_informed(self, timeout_s: float) -> None:
+        """After the run: give every connected client the chance to learn it is over (long poll or keep-alive)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                live = {r.client_id for r in self.registry.records() if r.client_id and not r.keepalive_lost}
+                remaining = deadline - time.monotonic()
+                if live <= self._informed or remaining <= 0:
+                    return
+                self._changed.wait(min(remaining, 0.2))
+
+    def heartbeat_interval_s(self) -> float:
+        return max(0.5, self.config.federation.heartbeat_timeout_s / 4)
 
     def next_task(self, client_id: str, timeout_s: float | None = None) -> Task | WaitHint | Finished:
         """Long poll: block until this client has work, the run is over, or the poll times out."""
@@ -145,7 +206,7 @@ class Coordinator:
                     return self._finished
                 current = self._round
                 if current is not None and current.open and client_id in current.sampled \
-                        and client_id not in current.updates:
+                        and client_id not in current.updates and client_id not in current.dropped:
                     # Fetching again is allowed (the stream may have broken); the payload is identical.
                     current.deliveries[client_id] = current.deliveries.get(client_id, 0) + 1
                     return Task(round=current.index, method=self.config.federation.method,
@@ -194,6 +255,9 @@ class Coordinator:
             raise NotAccepting(f"round {round_index} is closed; late update from {record.name!r} rejected")
         if record.client_id not in current.sampled:
             raise NotAccepting(f"client {record.name!r} was not sampled in round {round_index}")
+        if record.client_id in current.dropped:
+            raise NotAccepting(f"client {record.name!r} was dropped from round {round_index} "
+                               f"({current.dropped[record.client_id]}); its update no longer counts")
         if record.client_id in current.updates:
             raise DuplicateUpdate(f"client {record.name!r} already reported for round {round_index}")
 
@@ -238,16 +302,15 @@ class Coordinator:
             for round_index in range(self._completed_rounds + 1, num_rounds + 1):
                 if self._stop_requested:
                     raise RunStopped(f"stop requested before round {round_index}")
-                self._open_round(round_index)
-                self._wait_for_updates(round_index)
-                self._close_round(round_index)
-            summary = summarize(self.run_dir.read_metrics())
+                self._run_round(round_index)
+            summary = {**summarize(self.run_dir.read_metrics()), "status": "completed"}
             self.run_dir.write_json("summary.json", summary)
             self._finish(f"all {num_rounds} rounds completed")
             return summary
-        except RunStopped as stop:
-            log.warning("%s", stop)
-            summary = {**summarize(self.run_dir.read_metrics()), "stopped_early": str(stop)}
+        except (RunStopped, QuorumLost) as stop:
+            log.error("%s", stop)
+            status = "stopped" if isinstance(stop, RunStopped) else "quorum_lost"
+            summary = {**summarize(self.run_dir.read_metrics()), "status": status, "stopped_early": str(stop)}
             self.run_dir.write_json("summary.json", summary)
             self._finish(str(stop))
             return summary
@@ -279,10 +342,42 @@ class Coordinator:
                 self._changed.wait(min(remaining, 5.0))
         log.info("all %d clients joined", needed)
 
-    def _open_round(self, round_index: int) -> None:
+    def _run_round(self, round_index: int) -> None:
+        """Open, collect, and close one round; below quorum, retry with a fresh sample or stop."""
         fed = self.config.federation
-        partitions = sample_clients(len(self.partition_sizes), fed.clients_per_round(len(self.partition_sizes)),
-                                    fed.seed, round_index)
+        for attempt in range(fed.max_round_retries + 1):
+            self._open_round(round_index, attempt)
+            current = self._wait_for_updates(round_index)
+            quorum = fed.quorum(len(current.sampled))
+            if len(current.updates) >= quorum:
+                self._close_round(round_index)
+                return
+            dropped = {current.names[c]: why for c, why in current.dropped.items()}
+            message = (f"round {round_index}: only {len(current.updates)} of {len(current.sampled)} sampled clients "
+                       f"reported, below the quorum of {quorum}; dropped: {dropped}")
+            self.run_dir.append_event({"event": "round_below_quorum", "round": round_index, "attempt": attempt,
+                                       "reported": len(current.updates), "quorum": quorum, "dropped": dropped})
+            if fed.quorum_policy == "stop":
+                raise QuorumLost(message + " (quorum_policy=stop)")
+            log.warning("%s; retrying with a fresh sample", message)
+        raise QuorumLost(f"round {round_index} stayed below quorum after {fed.max_round_retries} retries")
+
+    def _sample(self, round_index: int, attempt: int) -> list[int]:
+        """The first attempt samples every partition (seed + round); a retry samples connected clients only."""
+        fed = self.config.federation
+        num = len(self.partition_sizes)
+        wanted = fed.clients_per_round(num)
+        if attempt == 0:
+            return sample_clients(num, wanted, fed.seed, round_index)
+        live = [p for p in range(num) if (r := self.registry.for_partition(p)) is not None and not r.keepalive_lost]
+        if not live:
+            return []
+        picks = sample_clients(len(live), min(wanted, len(live)), fed.seed + 7919 * attempt, round_index)
+        return [live[i] for i in picks]
+
+    def _open_round(self, round_index: int, attempt: int = 0) -> None:
+        fed = self.config.federation
+        partitions = self._sample(round_index, attempt)
         tensors = dict(self._global)
         if self.strategy.uses_regularizer:
             # The method's reference subspace travels with the adapter (none yet before round 1's step).
@@ -297,26 +392,51 @@ class Coordinator:
                     raise RuntimeError(f"partition {partition} has no client")
                 sampled[record.client_id] = partition
                 names[record.client_id] = record.name
-            self._round = _Round(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer)
+            self._round = _Round(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer,
+                                 attempt=attempt)
             self._changed.notify_all()
-        log.info("round %d/%d: sampled %s", round_index, fed.num_rounds, sorted(names.values()))
+        log.info("round %d/%d%s: sampled %s", round_index, fed.num_rounds,
+                 f" (retry {attempt})" if attempt else "", sorted(names.values()))
 
-    def _wait_for_updates(self, round_index: int) -> None:
-        deadline = time.monotonic() + self.config.federation.round_timeout_s
+    def _wait_for_updates(self, round_index: int) -> _Round:
+        """Until every sampled client reported or was dropped, or the deadline passed; then close intake."""
+        fed = self.config.federation
+        deadline = time.monotonic() + fed.round_timeout_s
         with self._changed:
             current = self._round
             assert current is not None and current.index == round_index
-            while len(current.updates) < len(current.sampled):
+            while True:
+                self._drop_dead_clients(current)
+                if len(current.updates) + len(current.dropped) >= len(current.sampled):
+                    break
                 if self._stop_requested:
                     raise RunStopped(f"stop requested during round {round_index}; it was not committed")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    for cid in current.sampled:
+                        if cid not in current.updates and cid not in current.dropped:
+                            current.dropped[cid] = f"missed the round deadline ({fed.round_timeout_s:.0f}s)"
                     break
-                self._changed.wait(min(remaining, 1.0))
+                self._changed.wait(min(remaining, 0.5))
             current.open = False
-            if not current.updates:
-                raise TimeoutError(f"round {round_index}: no sampled client reported within "
-                                   f"round_timeout_s={self.config.federation.round_timeout_s}")
+        for cid, reason in current.dropped.items():
+            log.warning("round %d: dropped %s: %s", round_index, current.names[cid], reason)
+        return current
+
+    def _drop_dead_clients(self, current: _Round) -> None:
+        """Drop sampled clients whose process or link is gone: closed KeepAlive, silent heartbeats, replaced."""
+        timeout = self.config.federation.heartbeat_timeout_s
+        now = time.monotonic()
+        for cid in current.sampled:
+            if cid in current.updates or cid in current.dropped:
+                continue
+            record = self.registry.find(cid)
+            if record is None:
+                current.dropped[cid] = "rejoined under a new session (the client restarted)"
+            elif record.keepalive_lost:
+                current.dropped[cid] = "connection lost (keep-alive stream closed)"
+            elif now - record.last_seen > timeout:
+                current.dropped[cid] = f"no heartbeat for {now - record.last_seen:.0f}s (heartbeat_timeout_s={timeout:.0f})"
 
     def _close_round(self, round_index: int) -> None:
         current = self._round
@@ -360,8 +480,10 @@ class Coordinator:
             "partitions": [current.sampled[cid] for cid, _ in reported],
             "num_examples": weights,
             "sampled": sorted(current.names.values()),
-            "stragglers": sorted(current.names[cid] for cid in current.sampled if cid not in current.updates),
-            "dropped": [],
+            "stragglers": sorted(current.names[cid] for cid, why in current.dropped.items() if "deadline" in why),
+            "dropped": sorted(({"client": current.names[cid], "reason": why} for cid, why in current.dropped.items()),
+                              key=lambda entry: entry["client"]),
+            "attempt": current.attempt,
             "bytes_down": len(current.buffer) * sum(current.deliveries.values()),
             "bytes_up": sum(s.payload_bytes for s in stats.values()),
             "client_train_seconds": {name: round(s.train_seconds, 3) for name, s in stats.items()},
@@ -372,10 +494,12 @@ class Coordinator:
             "round_seconds": time.time() - current.opened_at,
             "timestamp": time.time(),
         }
-        # Commit: the checkpoint's state file is renamed last, so a crash leaves the previous round intact.
-        self.run_dir.commit_checkpoint(round_index, {**new_global, **{k + REFERENCE_SUFFIX: v for k, v in reference.items()}},
-                                       {"best_accuracy": self._best_accuracy, "registry": self.registry.snapshot()})
+        # Commit: the checkpoint's state file is renamed last, so a crash before it leaves the previous
+        # round committed; a resume drops metrics lines of rounds after the committed one.
         self.run_dir.append_metrics(line)
+        self.run_dir.commit_checkpoint(round_index, {**new_global, **{k + REFERENCE_SUFFIX: v for k, v in reference.items()}},
+                                       {"best_accuracy": self._best_accuracy, "registry": self.registry.snapshot(),
+                                        "run_id": self.run_id})
         with self._changed:
             self._global = new_global
             self._reference = reference

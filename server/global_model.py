@@ -20,7 +20,7 @@ class ServerModel:
         log.info("loading model %s for server-side evaluation", config.model.model_name)
         # The run seed fixes the initial LoRA A and head: every client starts from this state.
         self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
-                                                 seed=config.federation.seed, device=device)
+                                                 seed=config.federation.seed, device=device, task=config.data.task)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return get_adapter_state(self.model)

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ class RunDirectory:
             handle.write(json.dumps(_json_safe(line), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def truncate_metrics(self, after_round: int) -> None:
+        """Drop lines of rounds after the committed one (written just before a crash)."""
+        kept = [line for line in self.read_metrics() if line["round"] <= after_round]
+        _atomic_write_text(self.metrics_path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        """events.jsonl: what happened besides committed rounds (rounds below quorum, resumes...)."""
+        with open(self.path / "events.jsonl", "a") as handle:
+            handle.write(json.dumps(_json_safe({**event, "timestamp": time.time()}), sort_keys=True) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

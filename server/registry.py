@@ -1,4 +1,4 @@
-"""Who has joined: client names, ids and their data partitions."""
+"""Who has joined: client names, session ids, data partitions and liveness."""
 
 from __future__ import annotations
 
@@ -12,15 +12,18 @@ from server.errors import BadRequest, RegistryFull, UnknownClient
 
 @dataclass
 class ClientRecord:
-    client_id: str
+    client_id: str              # session id; "" for a name restored from a checkpoint that has not rejoined yet
     name: str
     partition: int
     device: str
     joined_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    keepalive_open: bool = False
+    keepalive_lost: bool = False    # its KeepAlive stream ended: the process or its connection is gone
 
 
 class ClientRegistry:
-    """Maps names to partitions (stable across rejoins) and ids to records.
+    """Maps names to partitions (stable across rejoins) and session ids to records.
 
     A client that joins again under the same name gets a fresh id and keeps its
     partition; its old id stops being valid, so a stale process cannot report
@@ -43,7 +46,7 @@ class ClientRegistry:
                     raise BadRequest(f"client {name!r} holds partition {previous.partition}; "
                                      f"it cannot switch to {requested_partition}")
                 partition = previous.partition
-                del self._by_id[previous.client_id]
+                self._by_id.pop(previous.client_id, None)
             else:
                 partition = self._assign_partition(name, requested_partition)
             record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device)
@@ -67,23 +70,55 @@ class ClientRegistry:
         return free[0]
 
     def get(self, client_id: str) -> ClientRecord:
+        """The record of a live session id, with its last_seen refreshed; UnknownClient otherwise."""
         with self._lock:
             record = self._by_id.get(client_id)
+            if record is not None:
+                record.last_seen = time.monotonic()
         if record is None:
-            raise UnknownClient(f"unknown client id {client_id[:12]!r}...; join first (or again after a restart)")
+            raise UnknownClient(f"unknown client id {client_id[:12]!r}; join first (or again after a "
+                                f"coordinator restart)")
         return record
+
+    def find(self, client_id: str) -> ClientRecord | None:
+        """Like get, without refreshing liveness; None for a replaced or unknown id."""
+        with self._lock:
+            return self._by_id.get(client_id)
+
+    def keepalive(self, client_id: str, is_open: bool) -> None:
+        with self._lock:
+            record = self._by_id.get(client_id)
+            if record is None:
+                return
+            record.last_seen = time.monotonic()
+            if is_open:
+                record.keepalive_open, record.keepalive_lost = True, False
+            elif record.keepalive_open:
+                record.keepalive_open, record.keepalive_lost = False, True
 
     def for_partition(self, partition: int) -> ClientRecord | None:
         with self._lock:
             for record in self._by_name.values():
-                if record.partition == partition:
+                if record.partition == partition and record.client_id:
                     return record
         return None
 
     def num_joined(self) -> int:
         with self._lock:
-            return len(self._by_name)
+            return sum(1 for record in self._by_name.values() if record.client_id)
+
+    def records(self) -> list[ClientRecord]:
+        with self._lock:
+            return list(self._by_name.values())
 
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [{"name": r.name, "partition": r.partition, "device": r.device} for r in self._by_name.values()]
+
+    def restore(self, entries: list[dict]) -> None:
+        """Names and partitions from a checkpoint; each client must join again to get a session id."""
+        with self._lock:
+            for entry in entries:
+                self._by_name[entry["name"]] = ClientRecord(client_id="", name=entry["name"],
+                                                            partition=int(entry["partition"]),
+                                                            device=entry.get("device", ""))

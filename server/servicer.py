@@ -30,9 +30,8 @@ def _abort(context: grpc.ServicerContext, error: CoordinatorError) -> None:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, run_id: str, partition_fingerprints: list[str]) -> None:
+    def __init__(self, coordinator: Coordinator, partition_fingerprints: list[str]) -> None:
         self.coordinator = coordinator
-        self.run_id = run_id
         self.fingerprints = partition_fingerprints
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -45,7 +44,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             protocol_version=PROTOCOL_VERSION, client_id=record.client_id,
             run_config_json=self.coordinator.config.to_json(), partition_index=record.partition,
             num_partitions=len(self.fingerprints), partition_fingerprint=self.fingerprints[record.partition],
-            run_id=self.run_id,
+            run_id=self.coordinator.run_id,
+            heartbeat_interval_ms=int(self.coordinator.heartbeat_interval_s() * 1000),
         )
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
@@ -55,6 +55,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except CoordinatorError as error:
             _abort(context, error)
         if isinstance(task, Finished):
+            self.coordinator.finished_for(request.client_id)
             yield pb.TaskMessage(finished=pb.RunFinished(rounds_completed=task.rounds_completed, reason=task.reason))
         elif isinstance(task, Task):
             yield pb.TaskMessage(header=pb.TaskHeader(
@@ -79,6 +80,28 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(context, error)
         return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted",
                               bytes_received=len(buffer))
+
+    def KeepAlive(self, request_iterator: Iterator[pb.Heartbeat], context: grpc.ServicerContext) -> pb.KeepAliveReply:
+        client_id = ""
+        try:
+            for beat in request_iterator:
+                _check_version(beat.protocol_version)
+                if client_id and beat.client_id != client_id:
+                    raise BadRequest("a KeepAlive stream must carry one client id")
+                client_id = beat.client_id
+                self.coordinator.registry.get(client_id)          # unknown id: NOT_FOUND, the client rejoins
+                self.coordinator.keepalive(client_id, is_open=True)
+                finished = self.coordinator.finished_for(client_id)
+                if finished is not None:                           # tell a client that is busy training
+                    return pb.KeepAliveReply(message=finished.reason, run_over=True)
+        except CoordinatorError as error:
+            _abort(context, error)
+        except grpc.RpcError:
+            pass                                                   # the client went away mid-stream
+        finally:
+            if client_id:
+                self.coordinator.keepalive(client_id, is_open=False)
+        return pb.KeepAliveReply(message="stream closed")
 
     def _receive_update(self, messages: Iterator[pb.UpdateMessage]) -> tuple[pb.UpdateHeader, bytes]:
         """Header first (checked before any payload is read), then chunks, then the trailer."""

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.harness import Federation
 
 
 def tiny_run_config(model_dir: str, **overrides) -> dict:
@@ -38,47 +33,19 @@ class FederationRun:
 
 
 def run_federation(workdir: Path, config: dict, num_clients: int = 3, timeout_s: float = 420) -> FederationRun:
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    run_dir, address_file = workdir / "run", workdir / "coordinator.address"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    logs = workdir / "logs"
-    logs.mkdir(exist_ok=True)
-    processes: list[subprocess.Popen] = []
-
-    def start(args: list[str], log_name: str) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=open(logs / log_name, "w"),
-                                   stderr=subprocess.STDOUT)
-        processes.append(process)
-        return process
-
-    try:
-        coordinator = start(["-m", "server", "--config", str(config_path), "--address", "127.0.0.1:0",
-                             "--run-dir", str(run_dir), "--address-file", str(address_file),
-                             "--wait-for-clients", "180"], "coordinator.log")
-        deadline = time.monotonic() + timeout_s
-        while not address_file.exists():
-            assert coordinator.poll() is None, (logs / "coordinator.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "coordinator never started listening"
-            time.sleep(0.2)
-        address = address_file.read_text().strip()
+    """Start a coordinator and num_clients clients, wait for the run to end, return what it left."""
+    with Federation(workdir, config) as federation:
+        federation.start_coordinator()
+        address = federation.wait_address()
         assert address.startswith("127.0.0.1:") and not address.endswith(":0")
         received = [workdir / f"received-{i}" for i in range(num_clients)]
-        clients = [start(["-m", "client", "--coordinator", address, "--name", f"client-{i}",
-                          "--save-received", str(received[i]), "--patience", "60"], f"client-{i}.log")
-                   for i in range(num_clients)]
-        coordinator.wait(timeout=max(1.0, deadline - time.monotonic()))
-        codes = [c.wait(timeout=60) for c in clients]
-        coordinator_log = (logs / "coordinator.log").read_text()
-        assert coordinator.returncode == 0, coordinator_log[-5000:]
-        return FederationRun(run_dir, received, coordinator_log,
-                             [(logs / f"client-{i}.log").read_text() for i in range(num_clients)], codes)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        for i in range(num_clients):
+            federation.start_client(i, "--save-received", str(received[i]))
+        code = federation.finish(timeout_s)
+        assert code == 0, federation.log("coordinator.log")[-5000:]
+        return FederationRun(federation.run_dir, received, federation.log("coordinator.log"),
+                             [federation.log(f"client-{i}.log") for i in range(num_clients)],
+                             [federation.clients[i].returncode for i in range(num_clients)])
 
 
 @pytest.fixture(scope="session")

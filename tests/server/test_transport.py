@@ -4,35 +4,17 @@ The model is a stand-in (no transformer needed to test the transport); the
 aggregation is the real one from common/.
 """
 
-import threading
-
 import grpc
 import pytest
 import torch
 
 from client.connection import CoordinatorConnection, ReceivedTask, RunOver
+from tests.server.conftest import start_live_coordinator
 from common.codec import encode_tensors
-from common.config import RunConfig
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import CHUNK_BYTES, chunks_to_proto, specs_to_proto, trailer_to_proto
-from server.app import start_grpc_server
-from server.coordinator import Coordinator
-from server.outputs import RunDirectory
-
-
-class StandInModel:
-    def __init__(self):
-        self.evaluated = []
-
-    def evaluate(self, tensors):
-        self.evaluated.append(tensors)
-        return {"accuracy": 0.5, "loss": 1.0, "num_examples": 1}
-
-    def save(self, tensors, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "adapter_model.safetensors").write_bytes(b"")
 
 
 def big_state(d=150_000, r=8):
@@ -47,18 +29,9 @@ def big_state(d=150_000, r=8):
 
 @pytest.fixture
 def federation(tmp_path):
-    config = RunConfig.from_flat({"num_clients": 1, "client_fraction": 1.0, "num_rounds": 1, "method": "fedavg",
-                                  "round_timeout_s": 60, "max_update_norm": None})
-    model = StandInModel()
-    coordinator = Coordinator(config, RunDirectory(tmp_path), model, big_state(), partition_sizes=[10],
-                              poll_timeout_s=2.0)
-    server, _health, port = start_grpc_server(coordinator, "run-1", ["fingerprint"], "127.0.0.1:0")
-    driver = threading.Thread(target=lambda: coordinator.run(wait_for_clients_s=30), daemon=True)
-    driver.start()
-    yield coordinator, f"127.0.0.1:{port}", model, tmp_path
-    coordinator.request_stop()
-    server.stop(0).wait()
-    driver.join(timeout=10)
+    live = start_live_coordinator(tmp_path, big_state(), max_update_norm=None)
+    yield live.coordinator, live.address, live.model, tmp_path
+    live.stop()
 
 
 def test_payload_over_8_mib_crosses_both_ways_in_chunks(federation):

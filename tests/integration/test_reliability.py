@@ -1,0 +1,148 @@
+"""Faults injected on real processes: killed and stalled clients, lost quorum, coordinator crash and resume,
+SIGTERM, an unreachable coordinator."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.integration.conftest import tiny_run_config
+from tests.integration.harness import ROOT, Federation, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _slow_rounds(model_dir: str, **overrides) -> dict:
+    """Rounds long enough (a few seconds) to inject a fault while one is open."""
+    settings = {"max_local_steps": 25, "num_rounds": 12, "save_client_updates": False, "min_clients_per_round": 2,
+                "heartbeat_timeout_s": 5, "round_timeout_s": 120}
+    return tiny_run_config(model_dir, **{**settings, **overrides})
+
+
+def _participated(metrics: list[dict], name: str, after_round: int) -> list[int]:
+    return [m["round"] for m in metrics if m["round"] > after_round and name in m["participants"]]
+
+
+def test_killed_client_is_dropped_at_once_and_rejoins_under_its_name(tmp_path, tiny_model_dir):
+    with Federation(tmp_path, _slow_rounds(tiny_model_dir)) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(3):
+            federation.start_client(i)
+        federation.wait_for(lambda: federation.round_opened(2), 240, "round 2", watch=federation.coordinator)
+        federation.signal_client(1, signal.SIGKILL)
+        federation.clients[1].wait()
+        federation.start_client(1)                     # same name: it gets its partition back
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        metrics = federation.metrics()
+        assert [m["round"] for m in metrics] == list(range(1, 13))
+        dropped = {d["client"]: d["reason"] for d in metrics[1]["dropped"]}
+        # Dropped because its connection closed, not because the deadline passed.
+        assert "connection lost" in dropped.get("client-1", ""), metrics[1]
+        assert metrics[1]["participants"] == ["client-0", "client-2"] and metrics[1]["stragglers"] == []
+        rejoined = _participated(metrics, "client-1", after_round=2)
+        assert rejoined, "the restarted client never took part again"
+        assert federation.clients[1].returncode == 0
+
+
+def test_stalled_client_is_dropped_by_heartbeat_timeout_and_recovers(tmp_path, tiny_model_dir):
+    with Federation(tmp_path, _slow_rounds(tiny_model_dir, num_rounds=10)) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(3):
+            federation.start_client(i)
+        federation.wait_for(lambda: federation.round_opened(2), 240, "round 2", watch=federation.coordinator)
+        federation.signal_client(2, signal.SIGSTOP)    # alive, connected, silent
+        federation.wait_for(lambda: "dropped client-2: no heartbeat" in federation.log("coordinator.log"), 120,
+                            "the stalled client to be dropped", watch=federation.coordinator)
+        federation.signal_client(2, signal.SIGCONT)
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        metrics = federation.metrics()
+        stalled_round = next(m for m in metrics if any(d["client"] == "client-2" for d in m["dropped"]))
+        assert "no heartbeat" in stalled_round["dropped"][0]["reason"]
+        assert len(stalled_round["participants"]) == 2
+        assert _participated(metrics, "client-2", after_round=stalled_round["round"]), "client-2 never came back"
+
+
+def test_below_quorum_with_stop_policy_ends_the_run_with_a_clear_message(tmp_path, tiny_model_dir):
+    config = _slow_rounds(tiny_model_dir, num_rounds=6, min_clients_per_round=3, quorum_policy="stop")
+    with Federation(tmp_path, config) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(3):
+            federation.start_client(i)
+        federation.wait_for(lambda: federation.round_opened(2), 240, "round 2", watch=federation.coordinator)
+        federation.signal_client(0, signal.SIGKILL)
+        assert federation.finish() == 1
+        summary = federation.summary()
+        assert summary["status"] == "quorum_lost" and "below the quorum of 3" in summary["stopped_early"]
+        assert "quorum_policy=stop" in summary["stopped_early"]
+        committed = len(federation.metrics())
+        assert committed >= 1 and (federation.run_dir / "checkpoint" / "latest.json").exists()
+        assert "run over" in federation.log("client-1.log")
+
+
+def _final_adapter(run_dir, rounds: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapters" / f"round_{rounds:03d}" / "adapter_model.safetensors"))
+
+
+def test_coordinator_kill9_and_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_model_dir):
+    config = tiny_run_config(tiny_model_dir, num_rounds=5, client_fraction=0.67, max_local_steps=6,
+                             save_client_updates=False)
+    with Federation(tmp_path / "straight", config) as reference:
+        reference.start_coordinator()
+        reference.wait_address()
+        for i in range(3):
+            reference.start_client(i)
+        assert reference.finish() == 0
+        expected = _final_adapter(reference.run_dir, 5)
+
+    with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(3):
+            federation.start_client(i)
+        federation.wait_for(lambda: len(federation.metrics()) >= 2, 240, "two committed rounds",
+                            watch=federation.coordinator)
+        federation.coordinator.kill()                  # kill -9: no chance to clean up
+        federation.coordinator.wait()
+        federation.start_coordinator("--resume")       # same port: the clients reconnect by themselves
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        assert [m["round"] for m in federation.metrics()] == [1, 2, 3, 4, 5]
+        assert all(process.returncode == 0 for process in federation.clients.values())
+        assert "resuming after committed round" in federation.log("coordinator.log")
+        actual = _final_adapter(federation.run_dir, 5)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_sigterm_aborts_the_open_round_and_keeps_the_committed_state(tmp_path, tiny_model_dir):
+    with Federation(tmp_path, _slow_rounds(tiny_model_dir, num_rounds=30)) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(3):
+            federation.start_client(i)
+        federation.wait_for(lambda: len(federation.metrics()) >= 1, 240, "a committed round",
+                            watch=federation.coordinator)
+        federation.coordinator.send_signal(signal.SIGTERM)
+        assert federation.finish(timeout_s=60) == 0
+        summary = federation.summary()
+        assert summary["status"] == "stopped" and "stop requested" in summary["stopped_early"]
+        committed = load_file(str(federation.run_dir / "checkpoint" / f"round_{summary['rounds_completed']:03d}.safetensors"))
+        assert committed and summary["rounds_completed"] == len(federation.metrics())
+        for i in range(3):
+            assert federation.clients[i].returncode == 0 and "run over" in federation.log(f"client-{i}.log")
+
+
+def test_client_exits_with_a_clear_message_when_the_coordinator_stays_away():
+    result = subprocess.run([sys.executable, "-m", "client", "--coordinator", f"127.0.0.1:{free_port()}",
+                             "--patience", "2", "--name", "lonely"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3
+    assert "unreachable" in result.stderr and "patience 2s" in result.stderr
