@@ -42,7 +42,7 @@ run: proto
 
 smoke: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \
-		num_rounds=2 num_clients=3 client_fraction=0.67 max_train_samples=300 max_eval_samples=100 $(RUN_OVERRIDES)
+		num_rounds=2 num_clients=3 client_fraction=0.6 max_train_samples=300 max_eval_samples=100 $(RUN_OVERRIDES)
 
 test: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -16,7 +16,7 @@ def test_launcher_runs_a_federation_and_prints_rounds_summary_and_run_dir(tmp_pa
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "scripts.local_federation", "--config", "configs/minilm_bbc.yaml", "--tiny-model",
-         "--run-dir", str(run_dir), "--timeout", "400", "num_rounds=2", "num_clients=3", "client_fraction=0.67",
+         "--run-dir", str(run_dir), "--timeout", "400", "num_rounds=2", "num_clients=3", "client_fraction=0.6",
          "max_train_samples=150", "max_eval_samples=40", "max_local_steps=2", "method=svd"],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=450)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
