@@ -101,3 +101,42 @@ def test_below_quorum_retries_with_a_fresh_sample_of_connected_clients(tmp_path)
     (event,) = [json.loads(e) for e in (live.run_dir / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "round_below_quorum" and event["reported"] == 1 and event["quorum"] == 2
     assert list(event["dropped"].values()) == ["connection lost (keep-alive stream closed)"]
+
+
+def test_a_straggler_past_the_deadline_is_dropped_and_listed(tmp_path):
+    # Quorum 1 of 2; the second client is alive (heartbeats) but never uploads.
+    live = start_live_coordinator(tmp_path, small_state(), num_clients=2, num_rounds=1, round_timeout_s=2,
+                                  min_clients_per_round=1, heartbeat_timeout_s=600)
+    clients = _clients(live, ["fast", "slow"])
+    try:
+        _wait_round(live, 1)
+        fast = next(cid for cid, c in clients.items() if live.coordinator.registry.find(cid).name == "fast")
+        task = clients[fast].next_task(fast)
+        assert clients[fast].submit(fast, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
+        live.driver.join(timeout=30)
+    finally:
+        for connection in clients.values():
+            connection.close()
+        live.stop()
+    (line,) = _lines(live)
+    assert line["participants"] == ["fast"] and line["stragglers"] == ["slow"]
+    assert line["dropped"] == [{"client": "slow", "reason": "missed the round deadline (2s)"}]
+
+
+def test_run_directory_is_never_overwritten_and_resume_refuses_a_changed_config(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server.conftest import ROOT
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "checkpoint" / "latest.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("method: fedavg\nnum_rounds: 5\n")
+    refused = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(run_dir), "--address", "127.0.0.1:0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already holds a run; pass --resume" in refused.stderr
+    changed = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(run_dir), "--address", "127.0.0.1:0",
+                              "--resume", "method=svd"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "--resume with a different config" in changed.stderr
+    assert "method" in changed.stderr
