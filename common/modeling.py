@@ -1,8 +1,19 @@
 """The model side shared by the coordinator (evaluation, saving) and the clients (training).
 
 A base model from the hub, a local directory or an embedded alias is wrapped
-with PEFT LoRA. What federated training exchanges is the *adapter state*: every
-LoRA factor plus, when ``train_head`` is set, the classification head (PEFT
+with PEFT LoRA. Three ways to score a task's choices, picked by ``build_model``
+from the task and the model (``ModelConfig.model_type``):
+
+- ``classification_head``: an encoder with ``AutoModelForSequenceClassification``;
+- ``multiple_choice_head``: an encoder with ``AutoModelForMultipleChoice``: every
+  (context, ending) pair is encoded, the head gives one logit per ending;
+- ``causal_lm``: ``AutoModelForCausalLM``; every choice (an ending, or a label name)
+  is scored by its length-normalized log-likelihood after the context (see
+  ``common.scoring``); there is no head.
+
+Each returns logits (B, C) and the loss is the cross-entropy over the C choices.
+What federated training exchanges is the *adapter state*: every LoRA factor plus,
+when ``train_head`` is set and the model has one, the head (PEFT
 ``modules_to_save``), keyed by PEFT state-dict keys without the adapter name:
 
     base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight   # (r, k)
@@ -32,7 +43,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 
 from common.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
-from common.config import ConfigError, DataConfig, ModelConfig
+from common.config import AUTO_TARGET_MODULES, ConfigError, DataConfig, ModelConfig
+from common.scoring import CONTEXT_KEEPS_END, CONTEXT_KEEPS_START, choice_loss, choice_scores, encode_choices
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +53,8 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 }
 """Embedded model alias -> (python package, folder inside it, pip name)."""
 
-UNSUPPORTED_ALIASES: dict[str, str] = {
-    "smollm2": "SmolLM2-135M is a causal LM; causal models are not supported yet",
-}
+CONVERTED_ALIASES = ("smollm2",)
+"""Aliases of models converted once into a cache folder (see common.gguf_models)."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -51,20 +62,47 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
+TASK_CLASSIFICATION = "sequence_classification"
+TASK_MULTIPLE_CHOICE = "multiple_choice"
+
+CLASSIFICATION_HEAD = "classification_head"
+MULTIPLE_CHOICE_HEAD = "multiple_choice_head"
+CAUSAL_LM = "causal_lm"
+
+ATTENTION_MLP_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BERT_LIKE = ["query", "key", "value", "dense"]
+TARGET_MODULES_BY_FAMILY: dict[str, list[str]] = {
+    "bert": BERT_LIKE, "roberta": BERT_LIKE, "xlm-roberta": BERT_LIKE, "camembert": BERT_LIKE,
+    "electra": BERT_LIKE, "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "llama": ATTENTION_MLP_PROJECTIONS, "mistral": ATTENTION_MLP_PROJECTIONS, "qwen2": ATTENTION_MLP_PROJECTIONS,
+    "qwen3": ATTENTION_MLP_PROJECTIONS, "gemma": ATTENTION_MLP_PROJECTIONS, "gemma2": ATTENTION_MLP_PROJECTIONS,
+    "smollm3": ATTENTION_MLP_PROJECTIONS, "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+"""config.model_type -> the LoRA targets of ``target_modules: auto``: attention and MLP projections."""
+
 _CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+_CAUSAL_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "smollm3", "gpt2"}
+_HEAD_MODULE_NAMES = ("classifier", "score")
 
 # build_model records on the model whether the head belongs to the exchanged
-# adapter state, so get/set agree without the config at hand.
+# adapter state, so get/set agree without the config at hand; and, on the model
+# and on its tokenizer, how choices are scored, so encode_batch and compute_loss
+# keep their (tokenizer, rows, cfg) and (model, batch) shapes.
 _HEAD_IN_STATE_ATTR = "fl_head_in_adapter_state"
+_SCORING_ATTR = "fl_scoring"
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def resolve_model_path(model_name: str) -> str:
-    """'minilm' -> the embedded model folder; an existing local path -> absolute; anything else: a hub id."""
-    if model_name in UNSUPPORTED_ALIASES:
-        raise ConfigError(f"model_name={model_name!r}: {UNSUPPORTED_ALIASES[model_name]}; use model_name: minilm")
+    """An alias -> its folder ('minilm' from its package, 'smollm2' converted once into the cache);
+    an existing local path -> absolute; anything else: a hub id."""
+    if model_name in CONVERTED_ALIASES:
+        from common.gguf_models import ensure_smollm2
+
+        return str(ensure_smollm2())
     if model_name in MODEL_ALIASES:
         module, sub, pip_name = MODEL_ALIASES[model_name]
         spec = importlib.util.find_spec(module)
@@ -83,35 +121,37 @@ def resolve_model_path(model_name: str) -> str:
     return model_name
 
 
-def build_model(model_cfg: ModelConfig, num_labels: int, seed: int,
-                device: str = "cpu") -> tuple[PeftModel, Any]:
-    """Base model for sequence classification wrapped with LoRA; returns (peft model, tokenizer).
+def default_device() -> str:
+    """``cuda:0`` when torch sees a CUDA GPU, else ``cpu``."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
-    The same (model_cfg, num_labels, seed) gives the same head and LoRA initialisation
-    in every process. The model comes back in eval mode, as ``from_pretrained`` leaves it;
-    call ``model.train()`` before training.
+
+def build_model(model_cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu",
+                task: str = TASK_CLASSIFICATION) -> tuple[PeftModel, Any]:
+    """The base model for ``task`` (``DataConfig.task``) wrapped with LoRA; returns (peft model, tokenizer).
+
+    ``num_labels`` is the number of classes, or of endings for multiple choice.
+    The same (model_cfg, num_labels, seed, task) gives the same head and LoRA
+    initialisation in every process. The model comes back in eval mode, as
+    ``from_pretrained`` leaves it; call ``model.train()`` before training.
     """
     if num_labels < 2:
-        raise ValueError(f"num_labels={num_labels}: sequence classification needs at least 2 labels")
+        raise ValueError(f"num_labels={num_labels}: a task needs at least 2 labels or choices")
+    if task not in (TASK_CLASSIFICATION, TASK_MULTIPLE_CHOICE):
+        raise ConfigError(f"task={task!r}: use {TASK_CLASSIFICATION} or {TASK_MULTIPLE_CHOICE}")
     path = resolve_model_path(model_cfg.model_name)
     dtype = DTYPES[model_cfg.dtype]
     quantization = _quantization_config(model_cfg, dtype, device)
-    _check_model_type(model_cfg, path)
+    scoring = CAUSAL_LM if _resolve_model_type(model_cfg, path) == "causal" else (
+        MULTIPLE_CHOICE_HEAD if task == TASK_MULTIPLE_CHOICE else CLASSIFICATION_HEAD)
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(path)
         # Seed before loading: weights missing from the checkpoint (the new head) are drawn here.
         torch.manual_seed(seed)
-        load_kwargs: dict[str, Any] = {"num_labels": num_labels, "dtype": dtype, "ignore_mismatched_sizes": True}
-        if quantization is not None:
-            load_kwargs.update(quantization_config=quantization, device_map={"": device})
-        try:
-            base = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
-        except OSError as exc:
-            raise ConfigError(f"model_name={model_cfg.model_name!r}: could not load the model ({exc}); "
-                              "offline, use model_name: minilm or a local model directory") from exc
+        base = _load_base(model_cfg, path, scoring, num_labels, dtype, quantization, device)
     _ensure_pad_token(tokenizer, base)
 
     if quantization is not None:
@@ -123,34 +163,87 @@ def build_model(model_cfg: ModelConfig, num_labels: int, seed: int,
     elif model_cfg.gradient_checkpointing:
         _enable_checkpointing(base)
 
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # puts the head ("classifier" / "score") into modules_to_save
-        r=model_cfg.lora_rank,
-        lora_alpha=model_cfg.lora_alpha,
-        lora_dropout=model_cfg.lora_dropout,
-        target_modules=list(model_cfg.target_modules),
-    )
-    # Seed again so LoRA's A init does not depend on how much randomness loading used.
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
-        try:
-            model = get_peft_model(base, lora)
-        except ValueError as exc:
-            raise ConfigError(f"target_modules={model_cfg.target_modules!r}: {exc}") from exc
+    targets = resolve_target_modules(model_cfg.target_modules, getattr(base.config, "model_type", None))
+    model = _wrap_with_lora(model_cfg, base, scoring, targets, seed)
     if not model_cfg.train_head:
         # The head stays in PEFT's saved adapter (self-contained checkpoints) but is frozen
         # and left out of the exchanged state.
         for name, param in model.named_parameters():
             if ".modules_to_save." in name:
                 param.requires_grad_(False)
-    setattr(model, _HEAD_IN_STATE_ATTR, model_cfg.train_head)
+    setattr(model, _HEAD_IN_STATE_ATTR, model_cfg.train_head and scoring != CAUSAL_LM)
+    setattr(model, _SCORING_ATTR, scoring)
+    setattr(tokenizer, _SCORING_ATTR, scoring)
     if quantization is None:
         model.to(device)
     model.eval()  # one documented starting mode, whatever the transformers version leaves
-    logger.info("built %s: %d LoRA layers, %d trainable parameters", model_cfg.model_name,
-                len(lora_parameters(model)), sum(p.numel() for p in model.parameters() if p.requires_grad))
+    logger.info("built %s (%s, targets %s): %d LoRA layers, %d trainable parameters", model_cfg.model_name,
+                scoring, ",".join(targets), len(lora_parameters(model)),
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
     return model, tokenizer
+
+
+def _load_base(model_cfg: ModelConfig, path: str, scoring: str, num_labels: int, dtype: torch.dtype,
+               quantization: Any | None, device: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    if scoring == CLASSIFICATION_HEAD:
+        auto_class: Any = AutoModelForSequenceClassification
+        load_kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    elif scoring == MULTIPLE_CHOICE_HEAD:
+        auto_class = AutoModelForMultipleChoice  # one logit per (context, ending) pair, whatever C is
+        load_kwargs.update(ignore_mismatched_sizes=True)
+    else:
+        auto_class = AutoModelForCausalLM
+    if quantization is not None:
+        load_kwargs.update(quantization_config=quantization, device_map={"": device})
+    try:
+        return auto_class.from_pretrained(path, **load_kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model_name={model_cfg.model_name!r}: could not load the model ({exc}); "
+                          "offline, use model_name: minilm, smollm2 or a local model directory") from exc
+    except ValueError as exc:  # e.g. a model family without a multiple-choice class
+        raise ConfigError(f"model_name={model_cfg.model_name!r} cannot be loaded as {auto_class.__name__} "
+                          f"({exc}); use model_type: causal to score choices with a causal LM") from exc
+
+
+def _wrap_with_lora(model_cfg: ModelConfig, base: Any, scoring: str, targets: list[str], seed: int) -> PeftModel:
+    kwargs: dict[str, Any] = {}
+    if scoring == CLASSIFICATION_HEAD:
+        kwargs["task_type"] = TaskType.SEQ_CLS  # puts the head ("classifier" / "score") into modules_to_save
+    elif scoring == MULTIPLE_CHOICE_HEAD:
+        # PEFT has no multiple-choice task type: a plain PeftModel, with the head named explicitly.
+        heads = [name for name in _HEAD_MODULE_NAMES if isinstance(getattr(base, name, None), torch.nn.Module)]
+        if not heads:
+            raise ConfigError(f"model_name={model_cfg.model_name!r}: its multiple-choice model has no head named "
+                              f"{' or '.join(_HEAD_MODULE_NAMES)}; use model_type: causal instead")
+        kwargs["modules_to_save"] = heads
+    else:
+        kwargs["task_type"] = TaskType.CAUSAL_LM  # no head: the adapter state is LoRA only
+    lora = LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+                      target_modules=targets, **kwargs)
+    # Seed again so LoRA's A init does not depend on how much randomness loading used.
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+        try:
+            return get_peft_model(base, lora)
+        except ValueError as exc:
+            raise ConfigError(f"target_modules={model_cfg.target_modules!r}: {exc}; name module suffixes of this "
+                              "model, or use target_modules: auto") from exc
+
+
+def resolve_target_modules(target_modules: list[str], model_type: str | None) -> list[str]:
+    """``[auto]`` -> the family's attention and MLP projections (TARGET_MODULES_BY_FAMILY); else as given."""
+    if list(target_modules) != [AUTO_TARGET_MODULES]:
+        return list(target_modules)
+    targets = TARGET_MODULES_BY_FAMILY.get(str(model_type))
+    if targets is None:
+        raise ConfigError(f"target_modules=auto: no default LoRA targets for model family {model_type!r} "
+                          f"(known: {', '.join(sorted(TARGET_MODULES_BY_FAMILY))}); list the module names, "
+                          "e.g. target_modules: [q_proj, v_proj]")
+    return list(targets)
 
 
 def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype, device: str) -> Any | None:
@@ -173,23 +266,23 @@ def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype, device: str
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
-def _check_model_type(model_cfg: ModelConfig, path: str) -> None:
-    """Only encoder models with a classification head for now; causal scoring comes later."""
-    model_type = model_cfg.model_type
-    if model_type == "auto":
-        from transformers import AutoConfig
+def _resolve_model_type(model_cfg: ModelConfig, path: str) -> str:
+    """'encoder' or 'causal': as configured, or (auto) from the model config's architectures / family."""
+    if model_cfg.model_type != "auto":
+        return model_cfg.model_type
+    from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model_name={model_cfg.model_name!r}: could not read its config ({exc}); "
-                              "offline, use model_name: minilm or a local model directory") from exc
-        architectures = getattr(config, "architectures", None) or []
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model_name={model_cfg.model_name!r}: could not read its config ({exc}); "
+                          "offline, use model_name: minilm, smollm2 or a local model directory") from exc
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
         causal = any(arch.endswith(_CAUSAL_ARCH_SUFFIXES) for arch in architectures)
-        model_type = "causal" if causal else "encoder"
-    if model_type == "causal":
-        raise ConfigError(f"model_name={model_cfg.model_name!r} is a causal LM (model_type=causal): causal models "
-                          "are not supported yet; use an encoder such as minilm or FacebookAI/roberta-large")
+    else:
+        causal = getattr(config, "model_type", None) in _CAUSAL_FAMILIES
+    return "causal" if causal else "encoder"
 
 
 def _ensure_pad_token(tokenizer: Any, model: Any) -> None:
@@ -323,12 +416,48 @@ def save_adapter(model: PeftModel, tensors: dict[str, torch.Tensor], directory: 
 
 
 def encode_batch(tokenizer: Any, rows: list[dict], data_cfg: DataConfig) -> dict[str, torch.Tensor]:
-    """Tokenize rows (truncated to max_length, padded to the longest in the batch) plus labels."""
-    encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=data_cfg.max_length,
-                        padding=True, return_tensors="pt")
-    batch = dict(encoded)
-    batch["labels"] = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)
+    """Tokenize rows for the model ``tokenizer`` came with (truncated to max_length, padded to the longest
+    in the batch) plus ``labels`` (B,).
+
+    classification head: input_ids (B, L); multiple-choice head: every (context, ending) pair,
+    (B, C, L); causal LM: (B, C, L) left-padded with a ``choice_mask`` (see common.scoring).
+    """
+    scoring = getattr(tokenizer, _SCORING_ATTR, None)
+    labels = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)  # (B,)
+    if scoring == CAUSAL_LM:
+        contexts, choices = _contexts_and_choices(rows, data_cfg)
+        keep = CONTEXT_KEEPS_END if data_cfg.task == TASK_MULTIPLE_CHOICE else CONTEXT_KEEPS_START
+        batch = encode_choices(tokenizer, contexts, choices, data_cfg.max_length, keep)
+    elif data_cfg.task == TASK_MULTIPLE_CHOICE:
+        batch = _encode_choice_pairs(tokenizer, rows, data_cfg)
+    else:
+        encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=data_cfg.max_length,
+                            padding=True, return_tensors="pt")
+        batch = dict(encoded)
+    batch["labels"] = labels
     return batch
+
+
+def _contexts_and_choices(rows: list[dict], data_cfg: DataConfig) -> tuple[list[str], list[list[str]]]:
+    """(contexts, choices per row): HellaSwag's context and endings, or a text and the label names."""
+    if data_cfg.task == TASK_MULTIPLE_CHOICE:
+        return [row["context"] for row in rows], [list(row["endings"]) for row in rows]
+    if any("choices" not in row for row in rows):
+        raise ValueError("a causal LM scores the label names as choices, but these rows carry no 'choices'; "
+                         "load them with common.tasks.load_task_data")
+    return [row["text"] for row in rows], [list(row["choices"]) for row in rows]
+
+
+def _encode_choice_pairs(tokenizer: Any, rows: list[dict], data_cfg: DataConfig) -> dict[str, torch.Tensor]:
+    """Each row's context paired with each of its C endings, reshaped to (B, C, L) for a multiple-choice head."""
+    C = len(rows[0]["endings"])
+    if any(len(row["endings"]) != C for row in rows):
+        raise ValueError("every row of a multiple-choice batch needs the same number of endings")
+    firsts = [row["context"] for row in rows for _ in range(C)]
+    seconds = [ending for row in rows for ending in row["endings"]]
+    encoded = tokenizer(firsts, seconds, truncation=True, max_length=data_cfg.max_length, padding=True,
+                        return_tensors="pt")                              # each (B * C, L)
+    return {key: value.view(len(rows), C, -1) for key, value in encoded.items()}
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -336,11 +465,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def compute_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, logits (B, C)); the batch is moved to the model's device."""
+    """(mean cross-entropy over the choices, logits (B, C)); the batch is moved to the model's device.
+
+    For a causal LM the logits are the length-normalized log-likelihoods of the choices.
+    """
     device = _model_device(model)
+    labels = batch["labels"].to(device)                                   # (B,)
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"].to(device)
-    logits = model(**inputs).logits  # (B, C)
+    if getattr(model, _SCORING_ATTR, None) == CAUSAL_LM:
+        if "choice_mask" not in inputs:
+            raise ValueError("this batch was not encoded for a causal LM: use the tokenizer build_model returned")
+        scores = choice_scores(model, inputs)                             # (B, C)
+        return choice_loss(scores, labels), scores
+    logits = model(**inputs).logits                                      # (B, C)
     # Our own cross-entropy (in fp32): the model's built-in loss guesses regression for num_labels == 1
     # and runs in the model's dtype.
     loss = F.cross_entropy(logits.float(), labels)

@@ -6,9 +6,14 @@ The coordinator (server-side evaluation, partitioning) and every client call
 shuffle here therefore uses its own seeded generator, never global state.
 
 Tasks live in a small registry (``TASKS``): one loader per ``DataConfig.task``.
-``sequence_classification`` rows are ``{"text": str, "label": int}``.
-``multiple_choice`` (HellaSwag) is the next unit to add; its loader is a stub
-that says so.
+
+- ``sequence_classification`` rows are ``{"text": str, "label": int, "choices": list[str]}``;
+  ``choices`` is the shared list of label names, which a causal LM scores as the
+  continuations of the text (an encoder ignores it and uses its head).
+- ``multiple_choice`` rows follow HellaSwag: ``{"context": str, "endings": list[str],
+  "label": int}`` with ``context = ctx_a + " " + ctx_b`` and " [title]" turned into
+  ". " (the reference study's preprocessing); ``label_names`` are the choice
+  indices ``["0", "1", ...]``, so ``num_labels`` is the number of endings.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +49,13 @@ EVAL_SPLITS = ("validation", "test")
 
 DEFAULT_PARTITION_FIELD = "label"
 
+HUB_ALIASES: dict[str, str] = {"hellaswag": "Rowan/hellaswag"}
+"""Short dataset names -> their hub id."""
+
+HELLASWAG_ENDINGS_COLUMN = "endings"
+HELLASWAG_CONTEXT_COLUMNS = ("ctx_a", "ctx_b")
+HELLASWAG_FULL_CONTEXT_COLUMN = "ctx"  # used when a file has no ctx_a / ctx_b
+
 # Distinct salts keep the hold-out shuffle and the two caps independent streams
 # of one seed, so changing one cap never changes which rows the other picks.
 _SALT_HOLDOUT = 1
@@ -55,11 +68,11 @@ class TaskData:
     """Train and eval rows of one task, identical in every process for a given (cfg, seed)."""
 
     train: list[dict]
-    """Training rows; sequence_classification: ``{"text": str, "label": int}``."""
+    """Training rows: ``{"text", "label", "choices"}`` (classification) or ``{"context", "endings", "label"}``."""
     eval: list[dict]
     """Held-out rows for server-side evaluation (same row format as train)."""
     label_names: list[str]
-    """Label index -> name."""
+    """Label index -> name (multiple_choice: the ending indices "0".."C-1")."""
     partition_values: list
     """One value per train row: the ``DataConfig.partition_field`` column (Dirichlet buckets)."""
 
@@ -95,19 +108,26 @@ def load_task_data(cfg: DataConfig, seed: int) -> TaskData:
 
 
 def _load_sequence_classification(cfg: DataConfig, seed: int) -> TaskData:
-    train_raw, eval_raw = _read_classification_splits(cfg, seed)
+    train_raw, eval_raw = _read_classification_splits(cfg)
     label_names, to_index = _label_mapping(train_raw.labels + (eval_raw.labels if eval_raw else []), cfg)
 
-    train_rows = [{"text": t, "label": to_index(y)} for t, y in zip(train_raw.texts, train_raw.labels, strict=True)]
+    # One list object shared by every row: a causal LM scores these names as the choices.
+    def rows_of(raw: _RawSplit) -> list[dict]:
+        return [{"text": t, "label": to_index(y), "choices": label_names}
+                for t, y in zip(raw.texts, raw.labels, strict=True)]
+
+    train_rows = rows_of(train_raw)
     partition = (train_raw.partition if train_raw.partition is not None
                  else [row["label"] for row in train_rows])
+    eval_rows = rows_of(eval_raw) if eval_raw is not None else None
+    return _split_and_cap(cfg, seed, train_rows, partition, eval_rows, label_names)
 
-    if eval_raw is None:
-        # No eval split in the data: hold out a seeded share of it.
+
+def _split_and_cap(cfg: DataConfig, seed: int, train_rows: list[dict], partition: list,
+                   eval_rows: list[dict] | None, label_names: list[str]) -> TaskData:
+    """Hold out an eval share when the data brings no eval split, then apply the seeded caps."""
+    if eval_rows is None:
         train_rows, partition, eval_rows = _hold_out(train_rows, partition, cfg.eval_fraction, seed)
-    else:
-        eval_rows = [{"text": t, "label": to_index(y)} for t, y in zip(eval_raw.texts, eval_raw.labels, strict=True)]
-
     train_keep = _seeded_cap(len(train_rows), cfg.max_train_samples, seed, _SALT_TRAIN_CAP)
     eval_keep = _seeded_cap(len(eval_rows), cfg.max_eval_samples, seed, _SALT_EVAL_CAP)
     train_rows = [train_rows[i] for i in train_keep]
@@ -119,10 +139,16 @@ def _load_sequence_classification(cfg: DataConfig, seed: int) -> TaskData:
     return TaskData(train=train_rows, eval=eval_rows, label_names=label_names, partition_values=partition)
 
 
-def _read_classification_splits(cfg: DataConfig, seed: int) -> tuple[_RawSplit, _RawSplit | None]:
+def _read_classification_splits(cfg: DataConfig) -> tuple[_RawSplit, _RawSplit | None]:
     """(train, eval or None) as raw columns from the embedded corpus, a local path or the hub."""
     if cfg.dataset == BBC_NEWS:
         return _read_bbc_news(), None
+    train, evaluation = _read_splits(cfg)
+    return _columns_of(train, cfg), (_columns_of(evaluation, cfg, need_partition=False) if evaluation else None)
+
+
+def _read_splits(cfg: DataConfig) -> tuple[Any, Any | None]:
+    """(train, eval or None) ``datasets.Dataset`` splits of a local path or a hub dataset."""
     path = Path(cfg.dataset).expanduser()
     if path.exists():
         splits = _load_local_dataset(path, cfg)
@@ -132,11 +158,9 @@ def _read_classification_splits(cfg: DataConfig, seed: int) -> tuple[_RawSplit, 
         raise ConfigError(f"dataset={cfg.dataset!r} has no 'train' split (splits: {sorted(splits)}); "
                           "name the training file train.csv / train.jsonl / ... or give a single file")
     eval_name = next((name for name in EVAL_SPLITS if name in splits), None)
-    train = _columns_of(splits["train"], cfg)
-    evaluation = _columns_of(splits[eval_name], cfg, need_partition=False) if eval_name else None
     if eval_name:
         logger.info("dataset %s: evaluating on its %r split", cfg.dataset, eval_name)
-    return train, evaluation
+    return splits["train"], (splits[eval_name] if eval_name else None)
 
 
 def _read_bbc_news() -> _RawSplit:
@@ -193,7 +217,7 @@ def _load_hub_dataset(cfg: DataConfig) -> dict[str, Any]:
 
     try:
         with _quiet_datasets():
-            return dict(datasets.load_dataset(cfg.dataset))
+            return dict(datasets.load_dataset(HUB_ALIASES.get(cfg.dataset, cfg.dataset)))
     except Exception as exc:  # the hub raises many types (offline, not found, gated...)
         raise ConfigError(
             f"dataset={cfg.dataset!r} is not a local path and could not be loaded from the Hugging Face Hub "
@@ -314,13 +338,81 @@ def _seeded_cap(length: int, cap: int | None, seed: int, salt: int) -> list[int]
     return [int(i) for i in _generator(seed, salt).permutation(length)[:cap]]
 
 
-# --------------------------------------------------------------------------- the registry
+# --------------------------------------------------------------------------- multiple choice (HellaSwag)
+
+
+def hellaswag_context(ctx_a: str, ctx_b: str | None) -> str:
+    """The reference study's context: ``ctx_a + " " + ctx_b`` with " [title]" turned into ". "."""
+    context = f"{ctx_a.strip()} {ctx_b.strip()}" if ctx_b and ctx_b.strip() else ctx_a.strip()
+    return clean_hellaswag_text(context)
+
+
+def clean_hellaswag_text(text: str) -> str:
+    # " [title]" is an artifact of HellaSwag's WikiHow rows; endings carry it too.
+    return text.replace(" [title]", ". ").strip()
 
 
 def _load_multiple_choice(cfg: DataConfig, seed: int) -> TaskData:
-    # HellaSwag (context = ctx_a + " " + ctx_b, four endings, partition by activity_label)
-    # is the next unit; its rows will be {"context": str, "endings": list[str], "label": int}.
-    raise ConfigError("task='multiple_choice' is not supported yet; use task: sequence_classification")
+    train_split, eval_split = _read_splits(cfg)
+    train_rows, partition = _choice_rows(train_split, cfg, need_partition=True)
+    eval_rows = _choice_rows(eval_split, cfg, need_partition=False)[0] if eval_split is not None else None
+    num_choices = _common_num_choices(train_rows + (eval_rows or []), cfg)
+    return _split_and_cap(cfg, seed, train_rows, partition, eval_rows, [str(i) for i in range(num_choices)])
+
+
+def _choice_rows(split: Any, cfg: DataConfig, need_partition: bool) -> tuple[list[dict], list]:
+    """HellaSwag-schema columns -> ``{"context", "endings", "label"}`` rows and the partition values."""
+    available = list(split.column_names)
+    for field_name, column in (("label_column", cfg.label_column), ("endings column", HELLASWAG_ENDINGS_COLUMN)):
+        if column not in available:
+            raise ValueError(f"{field_name} {column!r} is not a column of dataset {cfg.dataset!r}; "
+                             f"task=multiple_choice expects HellaSwag's columns (ctx_a, ctx_b, endings, label, "
+                             f"activity_label); available columns: {available}")
+    contexts = _choice_contexts(split, cfg, available)
+    rows: list[dict] = []
+    for context, endings, label in zip(contexts, split[HELLASWAG_ENDINGS_COLUMN], split[cfg.label_column],
+                                       strict=True):
+        if not isinstance(endings, (list, tuple)) or len(endings) < 2:
+            raise ValueError(f"dataset {cfg.dataset!r}: the {HELLASWAG_ENDINGS_COLUMN!r} column must hold lists "
+                             f"of at least 2 endings; got {endings!r}")
+        endings = [clean_hellaswag_text(str(e)) for e in endings]
+        rows.append({"context": context, "endings": endings, "label": _choice_label(label, len(endings), cfg)})
+    partition_column = _partition_column(cfg, available) if need_partition else None
+    partition = list(split[partition_column]) if partition_column else [row["label"] for row in rows]
+    return rows, partition
+
+
+def _choice_contexts(split: Any, cfg: DataConfig, available: list[str]) -> list[str]:
+    ctx_a, ctx_b = HELLASWAG_CONTEXT_COLUMNS
+    if ctx_a in available:
+        seconds = split[ctx_b] if ctx_b in available else [None] * len(split)
+        return [hellaswag_context(str(a or ""), b) for a, b in zip(split[ctx_a], seconds, strict=True)]
+    if HELLASWAG_FULL_CONTEXT_COLUMN in available:
+        return [clean_hellaswag_text(str(c or "")) for c in split[HELLASWAG_FULL_CONTEXT_COLUMN]]
+    raise ValueError(f"dataset {cfg.dataset!r} has neither {ctx_a!r} (with {ctx_b!r}) nor "
+                     f"{HELLASWAG_FULL_CONTEXT_COLUMN!r}; available columns: {available}")
+
+
+def _choice_label(value: Any, num_endings: int, cfg: DataConfig) -> int:
+    """HellaSwag labels are ints or digit strings ("0".."3"); its test split leaves them empty."""
+    text = str(value).strip() if value is not None else ""
+    if not text.lstrip("-").isdigit() or not 0 <= int(text) < num_endings:
+        raise ValueError(f"label_column={cfg.label_column!r} of dataset {cfg.dataset!r} holds {value!r}; a "
+                         f"multiple-choice label must be the index of the right ending (0..{num_endings - 1}). "
+                         "A split without labels (HellaSwag's test split) cannot be used: give a labelled file")
+    return int(text)
+
+
+def _common_num_choices(rows: list[dict], cfg: DataConfig) -> int:
+    # A batch stacks every row's endings into one (B, C, L) tensor, so C must not vary.
+    counts = Counter(len(row["endings"]) for row in rows)
+    if len(counts) != 1:
+        raise ValueError(f"dataset {cfg.dataset!r}: rows have different numbers of endings {dict(counts)}; "
+                         "every row needs the same number (HellaSwag has 4)")
+    return next(iter(counts))
+
+
+# --------------------------------------------------------------------------- the registry
 
 
 TaskLoader = Callable[[DataConfig, int], TaskData]

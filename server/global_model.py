@@ -8,16 +8,17 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.modeling import build_model, evaluate, get_adapter_state, save_adapter, set_adapter_state
+from common.modeling import build_model, default_device, evaluate, get_adapter_state, save_adapter, set_adapter_state
 
 log = logging.getLogger(__name__)
 
 
 class ServerModel:
-    def __init__(self, config: RunConfig, eval_rows: list[dict], num_labels: int, device: str = "cpu") -> None:
+    def __init__(self, config: RunConfig, eval_rows: list[dict], num_labels: int, device: str | None = None) -> None:
         self.config = config
         self.eval_rows = eval_rows
-        log.info("loading model %s for server-side evaluation", config.model.model_name)
+        device = device or default_device()  # a GPU when the coordinator's host has one (4-bit models need it)
+        log.info("loading model %s for server-side evaluation on %s", config.model.model_name, device)
         # The run seed fixes the initial LoRA A and head: every client starts from this state.
         self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
                                                  seed=config.federation.seed, device=device, task=config.data.task)

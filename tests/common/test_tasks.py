@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tes
 import pytest
 
 from common.config import ConfigError, DataConfig
-from common.tasks import TASKS, TaskData, load_task_data
+from common.tasks import TASKS, TaskData, clean_hellaswag_text, hellaswag_context, load_task_data
+from tests.common.hellaswag_factory import hellaswag_rows, write_hellaswag_jsonl
 
 TEXTS = [f"text number {i} about {topic}" for i, topic in enumerate(["cats", "dogs", "birds", "fish"] * 10)]
 TOPICS = ["cats", "dogs", "birds", "fish"] * 10
@@ -146,10 +147,93 @@ def test_unreachable_hub_dataset_names_it_and_suggests_a_local_file() -> None:
     assert "no-such-owner/no-such-dataset" in message and "local" in message
 
 
-def test_multiple_choice_is_registered_but_not_supported_yet(topic_csv: Path) -> None:
+def test_both_tasks_are_registered() -> None:
     assert set(TASKS) == {"sequence_classification", "multiple_choice"}
-    with pytest.raises(ConfigError, match="not supported yet"):
-        load_task_data(DataConfig(task="multiple_choice", dataset=str(topic_csv)), seed=0)
+
+
+def test_classification_rows_carry_the_label_names_as_choices(topic_csv: Path) -> None:
+    data = load_task_data(DataConfig(dataset=str(topic_csv)), seed=0)
+    assert all(row["choices"] == data.label_names for row in data.train + data.eval)
+
+
+# --------------------------------------------------------------------------- multiple choice (HellaSwag)
+
+
+def hellaswag_cfg(path: Path, **overrides) -> DataConfig:
+    values = {"task": "multiple_choice", "dataset": str(path), "partition_field": "activity_label",
+              "max_eval_samples": None, **overrides}
+    return DataConfig(**values)
+
+
+def test_hellaswag_rows_get_the_reference_context_and_their_endings(tmp_path: Path) -> None:
+    path = write_hellaswag_jsonl(tmp_path / "hs.jsonl", 40)
+    data = load_task_data(hellaswag_cfg(path), seed=3)
+    assert data.label_names == ["0", "1", "2", "3"] and data.num_labels == 4
+    assert len(data.train) + len(data.eval) == 40 and len(data.eval) == 8
+    source = {(r["ctx_a"], r["ctx_b"]): r for r in hellaswag_rows(40)}
+    by_context = {hellaswag_context(a, b): r for (a, b), r in source.items()}
+    for row in data.train + data.eval:
+        assert set(row) == {"context", "endings", "label"}
+        original = by_context[row["context"]]
+        assert row["endings"] == original["endings"] and row["label"] == int(original["label"])
+        assert "[title]" not in row["context"]
+    assert "Baking cookies.  Scene 25. A woman mixes flour and sugar in a bowl. she" in {
+        r["context"] for r in data.train + data.eval}
+    assert load_task_data(hellaswag_cfg(path), seed=3) == data
+
+
+def test_hellaswag_context_is_ctx_a_space_ctx_b_with_titles_turned_into_full_stops() -> None:
+    assert hellaswag_context("A man is on a roof.", "he") == "A man is on a roof. he"
+    assert hellaswag_context("Roofing [title] Remove the nails.", "") == "Roofing.  Remove the nails."
+    assert hellaswag_context("Only a.", None) == "Only a."
+
+
+def test_hellaswag_partitions_follow_activity_label_or_the_label(tmp_path: Path) -> None:
+    path = write_hellaswag_jsonl(tmp_path / "hs.jsonl", 40, string_labels=False)
+    data = load_task_data(hellaswag_cfg(path), seed=0)
+    activity_of = {hellaswag_context(r["ctx_a"], r["ctx_b"]): r["activity_label"] for r in hellaswag_rows(40)}
+    assert data.partition_values == [activity_of[r["context"]] for r in data.train]
+    by_label = load_task_data(hellaswag_cfg(path, partition_field="label"), seed=0)
+    assert by_label.partition_values == [r["label"] for r in by_label.train]
+
+
+def test_hellaswag_directory_evaluates_on_its_validation_split(tmp_path: Path) -> None:
+    write_hellaswag_jsonl(tmp_path / "train.jsonl", 24)
+    write_hellaswag_jsonl(tmp_path / "validation.jsonl", 6)
+    data = load_task_data(hellaswag_cfg(tmp_path), seed=0)
+    assert len(data.train) == 24 and len(data.eval) == 6
+
+
+def test_hellaswag_with_only_a_ctx_column(tmp_path: Path) -> None:
+    rows = [{k: v for k, v in r.items() if k not in ("ctx_a", "ctx_b")} for r in hellaswag_rows(20)]
+    data = load_task_data(hellaswag_cfg(write_jsonl(tmp_path / "hs.jsonl", rows)), seed=0)
+    assert {r["context"] for r in data.train + data.eval} <= {clean_hellaswag_text(r["ctx"]) for r in rows}
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("unlabelled", "A split without labels"),
+    ("out_of_range", "0..3"),
+    ("ragged", "different numbers of endings"),
+    ("no_endings", "endings column 'endings'"),
+])
+def test_bad_hellaswag_files_are_clear_errors(tmp_path: Path, breakage: str, message: str) -> None:
+    rows = hellaswag_rows(20)
+    if breakage == "unlabelled":
+        rows[3]["label"] = ""
+    elif breakage == "out_of_range":
+        rows[3]["label"] = "4"
+    elif breakage == "ragged":
+        rows[3]["endings"] = rows[3]["endings"][:3]
+    else:
+        rows = [{k: v for k, v in r.items() if k != "endings"} for r in rows]
+    with pytest.raises(ValueError, match=message):
+        load_task_data(hellaswag_cfg(write_jsonl(tmp_path / "hs.jsonl", rows)), seed=0)
+
+
+def test_hellaswag_hub_id_offline_is_a_config_error_that_suggests_a_local_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_task_data(DataConfig(task="multiple_choice", dataset="hellaswag"), seed=0)
+    assert "'hellaswag'" in str(info.value) and "local" in str(info.value)
 
 
 def test_embedded_bbc_news() -> None:
