@@ -1,0 +1,469 @@
+"""Server-side aggregation of client LoRA factors (DESIGN §4).
+
+Per adapted layer, with client weights p_i = n_i / sum_j n_j and s = lora_alpha / r:
+
+- ``fedavg``:        A_g = sum p_i A_i ;  B_g = sum p_i B_i
+- ``svd``:           M = sum p_i s B_i A_i ; clip ; M/s = U S V^T (rank r) ; B_g = U S^1/2, A_g = S^1/2 V^T ; rescale
+- ``fedsvd``:        M = s (sum p_i B_i) A_g(prev) ; clip ; B_g = U S, A_g = V^T ; rescale
+- ``subspace_reg``:  as svd but B_g = U, A_g = S V^T ; rescale
+
+clip:    if ||M||_F > c then M <- M c / ||M||_F.
+rescale: both new factors times g = sqrt(||M||_F / ||s B_g A_g||_F) (M clipped), so the new
+         product keeps the clipped target's norm; g = 1 when the target is zero.
+
+Every other trainable tensor (classifier head, ``modules_to_save``) is the p-weighted mean.
+fedavg averages the factors themselves and does not clip (the table in DESIGN §4 clips M only).
+
+When the target has fewer than r non-zero singular values (one client of rank < r, every B
+still zero), the missing singular values are zero and U, V are completed with arbitrary
+orthonormal directions, so shapes stay (d, r) / (r, k) and nothing is NaN. Each singular
+pair's sign is fixed (largest entry of U's column positive) so the output is deterministic.
+
+The d x k product M is never formed. Stacking B_s = [B_1 .. B_K] (d, Kr) and
+A_s = [A_1; ..; A_K] (Kr, k) gives M = B_s diag(w) A_s with w = s p_i repeated r times;
+QR on both sides (B_s = Q_b R_b, A_s^T = Q_a R_a) leaves a small core R_b diag(w) R_a^T
+(Kr, Kr) whose SVD, lifted back through Q_b and Q_a, is the exact SVD of M in
+O((d + k)(Kr)^2). Everything is computed in float64 and returned in the dtype of the
+global adapter's tensors.
+
+Adding a method means writing one strategy (or one target / split function) and
+registering it in ``STRATEGIES``; nothing else dispatches on the method name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from common.adapter import AdapterState, ClientUpdate, LoraFactors
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPE = torch.float64
+"""Aggregation runs in float64: the SVD's small singular values and the gain need the headroom."""
+
+_COMPLETION_SEED = 0
+"""Seed of the fixed Gaussian draw that completes an orthonormal basis (deterministic output)."""
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """What the server step needs besides the factors."""
+
+    scaling: float
+    """s = lora_alpha / r: the effective update is s * B A."""
+    rank: int
+    """r of the new global factors: B_g is (d, r), A_g is (r, k)."""
+    max_update_norm: float | None
+    """Clip c on ||M||_F (``max_effective_lora_update_norm``); None disables clipping."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.scaling, (int, float)) and math.isfinite(self.scaling) and self.scaling > 0):
+            raise ValueError(f"scaling={self.scaling!r}: must be a positive finite number (lora_alpha / lora_rank)")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank={self.rank!r}: must be a positive integer (the LoRA rank, 8 in the reference study)")
+        clip = self.max_update_norm
+        if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+            raise ValueError(f"max_update_norm={clip!r}: must be a positive finite number, or None to disable clipping")
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """The new global adapter and, per layer, the orthonormal reference subspace U."""
+
+    state: AdapterState
+    """New global adapter, in the dtype of the previous global adapter's tensors."""
+    reference_basis: dict[str, torch.Tensor]
+    """Per layer U (d, r), orthonormal columns: the top-r left singular subspace of the new
+    global update s B_g A_g (completed with arbitrary orthonormal directions when its rank is < r)."""
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    """One federated method: what the client trains and how the server aggregates."""
+
+    name: str
+    trains_lora_A: bool
+    """False only for fedsvd, whose clients freeze A at A_g."""
+    uses_regularizer: bool
+    """True only for subspace_reg, whose clients add ``subspace_regularizer`` to the loss."""
+
+    def aggregate(
+        self, global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
+    ) -> AggregationResult: ...
+
+
+# --------------------------------------------------------------------------- low-rank linear algebra
+
+
+@dataclass(frozen=True)
+class _LowRankSvd:
+    """Top singular triplets of M: u (d, q), v (k, q) orthonormal columns, s (q,) descending."""
+
+    u: torch.Tensor  # (d, q)
+    s: torch.Tensor  # (q,)
+    v: torch.Tensor  # (k, q)
+
+
+def _top_svd_of_weighted_product(
+    b_stack: torch.Tensor, weights: torch.Tensor, a_stack: torch.Tensor, rank: int
+) -> tuple[_LowRankSvd, float]:
+    """Top-``rank`` SVD of M = B_s diag(w) A_s and ||M||_F, without forming the (d, k) product M.
+
+    Exact: M = Q_b (R_b diag(w) R_a^T) Q_a^T with orthonormal Q_b, Q_a, so M's singular values
+    are the small core's and its singular vectors are the core's lifted through Q_b and Q_a.
+    Only the kept ``rank`` vectors are lifted (the lift is the costly (d, m) x (m, rank) part).
+    """
+    q_b, r_b = torch.linalg.qr(b_stack)  # (d, m_b), (m_b, m)
+    q_a, r_a = torch.linalg.qr(a_stack.T)  # (k, m_a), (m_a, m)
+    core = (r_b * weights) @ r_a.T  # (m_b, m_a), m_b = min(d, m), m_a = min(k, m)
+    u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)
+    kept = min(rank, sigma.shape[0])
+    top = _LowRankSvd(u=q_b @ u_core[:, :kept], s=sigma[:kept], v=q_a @ vh_core[:kept].T)
+    return top, float(torch.linalg.vector_norm(sigma))
+
+
+def _complete_orthonormal(basis: torch.Tensor, width: int) -> torch.Tensor:
+    """Extend orthonormal columns (n, q) to (n, width) with directions orthogonal to them.
+
+    The new columns only ever meet zero singular values, so any orthonormal completion is
+    correct; a fixed-seed Gaussian draw keeps the result deterministic and, unlike picking
+    unit vectors, can never fall inside span(basis).
+    """
+    n, q = basis.shape
+    if q >= width:
+        return basis[:, :width]
+    generator = torch.Generator(device="cpu").manual_seed(_COMPLETION_SEED)
+    draw = torch.randn(n, width - q, generator=generator, dtype=basis.dtype).to(basis.device)  # (n, width - q)
+    # Householder QR of [basis | draw]: its trailing columns are orthonormal and orthogonal to basis.
+    q_full, _ = torch.linalg.qr(torch.cat([basis, draw], dim=1))  # (n, width)
+    return torch.cat([basis, q_full[:, q:]], dim=1)
+
+
+def _canonical_signs(svd: _LowRankSvd) -> _LowRankSvd:
+    """Flip each singular pair so that the largest-magnitude entry of u's column is positive.
+
+    SVD fixes singular vectors only up to a joint sign; pinning it makes the output
+    deterministic across LAPACK builds and comparable between rounds.
+    """
+    if svd.u.shape[1] == 0:
+        return svd
+    rows = svd.u.abs().argmax(dim=0)  # (q,)
+    signs = torch.sign(svd.u[rows, torch.arange(svd.u.shape[1], device=svd.u.device)])  # (q,)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return _LowRankSvd(u=svd.u * signs, s=svd.s, v=svd.v * signs)
+
+
+def _truncate(svd: _LowRankSvd, rank: int) -> _LowRankSvd:
+    """Exactly ``rank`` triplets: the top ones, padded with zero singular values when M has fewer."""
+    kept = svd.s.shape[0]
+    if kept >= rank:
+        return _LowRankSvd(u=svd.u[:, :rank], s=svd.s[:rank], v=svd.v[:, :rank])
+    padding = torch.zeros(rank - kept, dtype=svd.s.dtype, device=svd.s.device)
+    return _LowRankSvd(
+        u=_complete_orthonormal(svd.u, rank),  # (d, rank)
+        s=torch.cat([svd.s, padding]),  # (rank,)
+        v=_complete_orthonormal(svd.v, rank),  # (k, rank)
+    )
+
+
+def left_basis_of_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
+    """U (d, rank), orthonormal: the top-``rank`` left singular subspace of B A (d, k), factored.
+
+    Directions beyond the rank of B A are an arbitrary orthonormal completion.
+    """
+    ones = torch.ones(b.shape[1], dtype=b.dtype, device=b.device)
+    top, _ = _top_svd_of_weighted_product(b, ones, a, rank)
+    return _canonical_signs(_truncate(top, rank)).u
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _validate_global(global_state: AdapterState, settings: AggregationSettings) -> None:
+    if not global_state.lora:
+        raise ValueError("global_state has no LoRA layers: build it from the PEFT model's adapter state dict")
+    for layer, factors in global_state.lora.items():
+        a, b = factors.A, factors.B
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"global layer {layer!r}: lora_A {_shape(a)} and lora_B {_shape(b)} are not (r, k) and (d, r) "
+                "with one rank r; rebuild the global adapter from a PEFT state dict"
+            )
+        d, k = b.shape[0], a.shape[1]
+        if settings.rank > min(d, k):
+            raise ValueError(
+                f"rank={settings.rank}: layer {layer!r} is {d} x {k}, so the rank can be at most {min(d, k)}; "
+                "lower lora_rank or drop this module from target_modules"
+            )
+    for key, tensor in global_state.extra.items():
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"global extra tensor {key!r} has dtype {tensor.dtype}: only floating-point trainable tensors "
+                "can be averaged; keep buffers out of the adapter state"
+            )
+
+
+def _check_tensor(client: str, what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    if got.shape != expected.shape:
+        raise ValueError(
+            f"client {client!r}: {what} has shape {_shape(got)} but the global adapter's is {_shape(expected)}; "
+            "clients must train with the global LoRA rank, target modules and head"
+        )
+    if not bool(torch.isfinite(got).all()):
+        raise ValueError(f"client {client!r}: {what} contains NaN or inf; reject this upload")
+
+
+def _validate_update(global_state: AdapterState, update: ClientUpdate) -> None:
+    client = update.client
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"client {client!r}: num_examples={n!r} must be a positive integer (its training set size)")
+    lora = update.state.lora
+    for layer in global_state.lora.keys() - lora.keys():
+        raise ValueError(f"client {client!r}: LoRA layer {layer!r} of the global adapter is missing from its update")
+    for layer in lora.keys() - global_state.lora.keys():
+        raise ValueError(f"client {client!r}: LoRA layer {layer!r} is not in the global adapter; check target_modules")
+    for layer, expected in global_state.lora.items():
+        _check_tensor(client, f"layer {layer!r} lora_A", lora[layer].A, expected.A)
+        _check_tensor(client, f"layer {layer!r} lora_B", lora[layer].B, expected.B)
+    extra = update.state.extra
+    for key in global_state.extra.keys() - extra.keys():
+        raise ValueError(f"client {client!r}: extra tensor {key!r} of the global adapter is missing from its update")
+    for key in extra.keys() - global_state.extra.keys():
+        raise ValueError(f"client {client!r}: extra tensor {key!r} is not in the global adapter; check the head")
+    for key, expected in global_state.extra.items():
+        _check_tensor(client, f"extra tensor {key!r}", extra[key], expected)
+
+
+def validate_inputs(
+    global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
+) -> None:
+    """Raise ValueError (naming client, layer or key, and shapes) unless the updates fit the global adapter."""
+    if len(updates) == 0:
+        raise ValueError("updates is empty: aggregate only after at least one client has reported")
+    _validate_global(global_state, settings)
+    for update in updates:
+        _validate_update(global_state, update)
+
+
+def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """p_i = n_i / sum_j n_j, float64 (K,)."""
+    counts = torch.tensor([u.num_examples for u in updates], dtype=COMPUTE_DTYPE)
+    return counts / counts.sum()
+
+
+# --------------------------------------------------------------------------- shared skeleton
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """One layer's factors in float64: the previous global ones and each client's."""
+
+    global_factors: LoraFactors  # A (r_g, k), B (d, r_g)
+    clients: list[LoraFactors]  # K x [A (r_c, k), B (d, r_c)]
+    weights: torch.Tensor  # (K,) p_i
+
+
+@dataclass(frozen=True)
+class LayerOutput:
+    factors: LoraFactors  # A (r, k), B (d, r), float64
+    basis: torch.Tensor  # (d, r) orthonormal
+
+
+def _as_compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(device=like.device, dtype=COMPUTE_DTYPE)
+
+
+class LayerwiseStrategy(ABC):
+    """Validation, per-layer loop, head averaging and dtype handling shared by every method.
+
+    A method only supplies ``aggregate_layer``, which sees float64 factors of one layer.
+    """
+
+    name: str
+    trains_lora_A: bool
+    uses_regularizer: bool
+
+    def aggregate(
+        self, global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
+    ) -> AggregationResult:
+        validate_inputs(global_state, updates, settings)
+        weights = client_weights(updates)  # (K,)
+        lora: dict[str, LoraFactors] = {}
+        basis: dict[str, torch.Tensor] = {}
+        for layer, old in global_state.lora.items():
+            inputs = LayerInputs(
+                global_factors=LoraFactors(A=_as_compute(old.A, old.A), B=_as_compute(old.B, old.B)),
+                clients=[
+                    LoraFactors(A=_as_compute(u.state.lora[layer].A, old.A), B=_as_compute(u.state.lora[layer].B, old.B))
+                    for u in updates
+                ],
+                weights=weights.to(old.A.device),
+            )
+            out = self.aggregate_layer(layer, inputs, settings)
+            lora[layer] = LoraFactors(A=out.factors.A.to(old.A.dtype), B=out.factors.B.to(old.B.dtype))
+            basis[layer] = out.basis.to(old.B.dtype)
+        extra = {key: _weighted_mean([u.state.extra[key] for u in updates], weights, like)
+                 for key, like in global_state.extra.items()}
+        logger.debug("%s aggregated %d layers and %d extra tensors from %d clients",
+                     self.name, len(lora), len(extra), len(updates))
+        return AggregationResult(state=AdapterState(lora=lora, extra=extra), reference_basis=basis)
+
+    @abstractmethod
+    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
+        """New float64 factors (A (r, k), B (d, r)) and orthonormal U (d, r) of one layer."""
+
+
+def _weighted_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """sum_i p_i x_i in float64, returned in ``like``'s dtype and device."""
+    total = torch.zeros(like.shape, dtype=COMPUTE_DTYPE, device=like.device)
+    for weight, tensor in zip(weights.tolist(), tensors):
+        total += weight * _as_compute(tensor, like)
+    return total.to(like.dtype)
+
+
+# --------------------------------------------------------------------------- fedavg
+
+
+class FedAvg(LayerwiseStrategy):
+    """FedIT: A_g = sum p_i A_i, B_g = sum p_i B_i (no clip: the factors themselves are averaged).
+
+    A rank larger than the clients' pads zero rows / columns, which leave the product unchanged.
+    """
+
+    name = "fedavg"
+    trains_lora_A = True
+    uses_regularizer = False
+
+    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
+        client_rank = inputs.global_factors.rank
+        if settings.rank < client_rank:
+            raise ValueError(
+                f"rank={settings.rank}: fedavg averages factors and keeps the clients' rank {client_rank} "
+                f"(layer {layer!r}); set rank >= {client_rank} or use svd / subspace_reg to truncate"
+            )
+        a = sum(w * f.A for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (r_c, k)
+        b = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (d, r_c)
+        pad = settings.rank - client_rank
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)  # (r, k)
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # (d, r)
+        return LayerOutput(factors=LoraFactors(A=a, B=b), basis=left_basis_of_product(b, a, settings.rank))
+
+
+# --------------------------------------------------------------------------- re-factorizing methods
+
+TargetFn = Callable[[LayerInputs, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(inputs, s) -> (B_s (d, m), w (m,), A_s (m, k)) with the target M = B_s diag(w) A_s."""
+
+SplitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(U (d, r), sigma (r,) = S / s, V (k, r)) -> (B (d, r), A (r, k)) with B A = U diag(sigma) V^T."""
+
+
+def client_mixture_target(inputs: LayerInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M = sum p_i s B_i A_i as stacked factors: B_s = [B_1 .. B_K], A_s = [A_1; ..; A_K]."""
+    b_stack = torch.cat([f.B for f in inputs.clients], dim=1)  # (d, K r_c)
+    a_stack = torch.cat([f.A for f in inputs.clients], dim=0)  # (K r_c, k)
+    client_rank = inputs.clients[0].rank
+    weights = (scaling * inputs.weights).repeat_interleave(client_rank)  # (K r_c,)
+    return b_stack, weights, a_stack
+
+
+def frozen_a_target(inputs: LayerInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M = s (sum p_i B_i) A_g: fedsvd's clients trained B only, against the previous round's A_g."""
+    b_mean = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (d, r_g)
+    a_prev = inputs.global_factors.A  # (r_g, k)
+    weights = torch.full((a_prev.shape[0],), scaling, dtype=a_prev.dtype, device=a_prev.device)  # (r_g,)
+    return b_mean, weights, a_prev
+
+
+def split_balanced(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """svd: B = U S^1/2, A = S^1/2 V^T."""
+    root = sigma.sqrt()  # (r,)
+    return u * root, root[:, None] * v.T
+
+
+def split_orthonormal_a(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fedsvd: B = U S, A = V^T (orthonormal rows, what the clients freeze next round)."""
+    return u * sigma, v.T.clone()
+
+
+def split_orthonormal_b(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """subspace_reg: B = U (orthonormal columns: the reference subspace), A = S V^T."""
+    return u.clone(), sigma[:, None] * v.T
+
+
+@dataclass(frozen=True)
+class RefactorizingStrategy(LayerwiseStrategy):
+    """Build the target M, clip it, take its rank-r SVD, split it into factors and rescale."""
+
+    name: str
+    target: TargetFn
+    split: SplitFn
+    trains_lora_A: bool = True
+    uses_regularizer: bool = False
+
+    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
+        b_stack, weights, a_stack = self.target(inputs, settings.scaling)
+        top, target_norm = _top_svd_of_weighted_product(b_stack, weights, a_stack, settings.rank)
+        sigma = top.s  # (<= r,) top singular values of M; target_norm = ||M||_F from all of them
+        clip = settings.max_update_norm
+        if clip is not None and target_norm > clip:
+            logger.debug("%s layer %s: ||M||_F = %.4g clipped to %.4g", self.name, layer, target_norm, clip)
+            sigma = sigma * (clip / target_norm)
+            target_norm = clip
+        kept = _canonical_signs(_truncate(_LowRankSvd(u=top.u, s=sigma, v=top.v), settings.rank))
+        b, a = self.split(kept.u, kept.s / settings.scaling, kept.v)  # (d, r), (r, k)
+        kept_norm = float(torch.linalg.vector_norm(kept.s))  # ||s B A||_F before the gain
+        # Truncation drops energy; the gain puts the clipped target's norm back. A zero
+        # target (every B still zero) has nothing to restore: leave it, never divide by 0.
+        gain = math.sqrt(target_norm / kept_norm) if kept_norm > 0.0 else 1.0
+        return LayerOutput(factors=LoraFactors(A=a * gain, B=b * gain), basis=kept.u)
+
+
+# --------------------------------------------------------------------------- registry
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add a method to ``STRATEGIES`` under its name (names are unique)."""
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"strategy {strategy.name!r} is already registered; pick another name")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+register(FedAvg())
+register(RefactorizingStrategy(name="svd", target=client_mixture_target, split=split_balanced))
+register(RefactorizingStrategy(name="fedsvd", target=frozen_a_target, split=split_orthonormal_a, trains_lora_A=False))
+register(RefactorizingStrategy(name="subspace_reg", target=client_mixture_target, split=split_orthonormal_b,
+                               uses_regularizer=True))
+
+
+def get_strategy(name: str) -> Strategy:
+    """The registered strategy called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown aggregation method {name!r}; known methods: {', '.join(STRATEGIES)}") from None
+
+
+def aggregate(
+    method: str, global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
+) -> AggregationResult:
+    """One server step of ``method`` (see the module docstring for each method's formula)."""
+    return get_strategy(method).aggregate(global_state, updates, settings)

@@ -1,0 +1,149 @@
+"""The Subspace-Reg client regularizer (DESIGN §4), computed from r x r Gram blocks, never the d x k product.
+
+    R = (1/P) sum_l [ mu/2 ||s B A - s B_g A_g||_F^2 + alpha/2 ||B - B_g||_F^2 + lambda/2 (||A||_F^2 + ||B||_F^2) ]
+
+over the P adapted layers, with (A, B) the client's live LoRA parameters and (A_g, B_g)
+the global factors it received (constants).
+
+The proximal term never forms the (d, k) product. Writing dA = A - A_g, dB = B - B_g,
+
+    B A - B_g A_g = dB A + B_g dA,
+
+and with X_b = [dB, B_g] (d, 2r), X_a = [A; dA] (2r, k) that is X_b X_a, so
+
+    ||B A - B_g A_g||_F^2 = tr((X_b^T X_b)(X_a X_a^T))
+                          = tr(dB^T dB . A A^T) + 2 tr(dB^T B_g . dA A^T) + tr(B_g^T B_g . dA dA^T),
+
+traces of products of r x r Gram blocks. Expanding around the reference (rather than
+||BA||^2 - 2<BA, B_g A_g> + ||B_g A_g||^2) keeps every term as small as the distance to the
+reference: no cancellation of large numbers, so the value is exactly 0 at A = A_g, B = B_g and
+accurate in float32 close to it, which is where the clients train. Cost O((d + k) r^2) per layer
+instead of O(d k r).
+
+Layers of equal shape are stacked and handled by batched matmuls: a transformer has a few
+distinct shapes and a hundred-odd layers, so this removes almost all per-op overhead from a
+term that is evaluated at every training step. The backward pass is written out from the same
+Grams (``_GroupPenalty``): a first-order gradient, which is all training needs (no double
+backward).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from common.adapter import LoraFactors
+
+logger = logging.getLogger(__name__)
+
+
+def _check_coefficient(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value!r}: must be a finite non-negative number (0 disables the term)")
+
+
+def _trace(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the traces of a stack of square matrices (n, r, r)."""
+    return x.diagonal(dim1=-2, dim2=-1).sum()
+
+
+class _GroupPenalty(torch.autograd.Function):
+    """Sum over a stack of n equally shaped layers of the bracket in R (not yet divided by P).
+
+    Inputs a, a_ref (n, r, k); b, b_ref (n, d, r); weights c_prox = mu s^2 / 2,
+    c_alpha = alpha / 2, c_l2 = lambda / 2. The backward pass is written out from the same
+    r x r Grams (with Y = B A - B_g A_g = dB A + B_g dA, never formed):
+
+        d||Y||^2/dA = 2 B^T Y   = 2 [ (dB^T dB + B_g^T dB) A + (dB^T B_g + B_g^T B_g) dA ]
+        d||Y||^2/dB = 2 Y A^T   = 2 [ dB (A A^T) + B_g (dA A^T) ]
+
+    which needs 4 small batched matmuls and no (n, d, r) gradient accumulation, about half
+    the work autograd does on the forward graph. Differentiable once (enough for training).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, a_ref, b_ref, c_prox: float, c_alpha: float, c_l2: float):  # type: ignore[override]
+        d_a = a - a_ref  # (n, r, k)
+        d_b = b - b_ref  # (n, d, r)
+        gram_db = d_b.mT @ d_b  # (n, r, r) P = dB^T dB
+        cross_b = d_b.mT @ b_ref  # (n, r, r) Q = dB^T B_g
+        gram_bref = b_ref.mT @ b_ref  # (n, r, r) R = B_g^T B_g
+        gram_a = a @ a.mT  # (n, r, r) E = A A^T
+        cross_a = a @ d_a.mT  # (n, r, r) F = A dA^T
+        gram_da = d_a @ d_a.mT  # (n, r, r) H = dA dA^T
+        # ||Y||^2 = tr(P E) + 2 tr(Q dA A^T) + tr(R H); tr(X Z^T) = sum X * Z.
+        proximal = (gram_db * gram_a).sum() + 2.0 * (cross_b * cross_a).sum() + (gram_bref * gram_da).sum()
+        value = (c_prox * proximal
+                 + c_alpha * _trace(gram_db)  # ||B - B_g||_F^2
+                 + c_l2 * (_trace(gram_a) + b.square().sum()))  # ||A||_F^2 + ||B||_F^2
+        ctx.save_for_backward(a, b, d_a, d_b, b_ref, gram_db, cross_b, gram_bref, gram_a, cross_a)
+        ctx.coefficients = (c_prox, c_alpha, c_l2)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_value):  # type: ignore[override]
+        a, b, d_a, d_b, b_ref, gram_db, cross_b, gram_bref, gram_a, cross_a = ctx.saved_tensors
+        c_prox, c_alpha, c_l2 = ctx.coefficients
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            bt_y = (gram_db + cross_b.mT) @ a + (cross_b + gram_bref) @ d_a  # (n, r, k) B^T Y
+            grad_a = grad_value * (2.0 * c_prox * bt_y + 2.0 * c_l2 * a)
+        if ctx.needs_input_grad[1]:
+            y_at = d_b @ gram_a + b_ref @ cross_a.mT  # (n, d, r) Y A^T
+            grad_b = grad_value * (2.0 * c_prox * y_at + 2.0 * c_alpha * d_b + 2.0 * c_l2 * b)
+        return grad_a, grad_b, None, None, None, None, None
+
+
+def subspace_regularizer(
+    local: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    reference: Mapping[str, LoraFactors],
+    scaling: float,
+    mu: float,
+    alpha: float,
+    lambda_reg: float,
+) -> torch.Tensor:
+    """Scalar R = (1/P) sum_l [ mu/2 ||s B A - s B_g A_g||^2 + alpha/2 ||B - B_g||^2 + lambda/2 (||A||^2 + ||B||^2) ].
+
+    ``local`` maps each adapted layer to its live (A (r, k), B (d, r)); gradients flow to
+    them. ``reference`` maps each layer to the global factors, used as constants in the
+    dtype and device of the local ones. P = len(local).
+    """
+    if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
+        raise ValueError(f"scaling={scaling!r}: must be a positive finite number (lora_alpha / lora_rank)")
+    _check_coefficient("mu", mu)
+    _check_coefficient("alpha", alpha)
+    _check_coefficient("lambda_reg", lambda_reg)
+    if len(local) == 0:
+        raise ValueError("local is empty: pass the (lora_A, lora_B) parameters of every adapted layer")
+
+    groups: dict[tuple, list[str]] = {}
+    for layer, (a, b) in local.items():
+        if layer not in reference:
+            raise ValueError(
+                f"layer {layer!r} has no global reference factors; the reference must cover every adapted layer "
+                f"(it has {len(reference)} layers)"
+            )
+        ref = reference[layer]
+        if ref.A.shape != a.shape or ref.B.shape != b.shape or a.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"layer {layer!r}: local lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match the "
+                f"reference's {tuple(ref.A.shape)} / {tuple(ref.B.shape)}; use the global LoRA rank"
+            )
+        groups.setdefault((tuple(a.shape), tuple(b.shape), a.dtype, b.dtype, a.device), []).append(layer)
+
+    total: torch.Tensor | None = None
+    for layers in groups.values():
+        a = torch.stack([local[layer][0] for layer in layers])  # (n, r, k)
+        b = torch.stack([local[layer][1] for layer in layers])  # (n, d, r)
+        # The reference is a constant: no gradient may flow into the global factors.
+        a_ref = torch.stack([reference[layer].A.detach() for layer in layers]).to(device=a.device, dtype=a.dtype)
+        b_ref = torch.stack([reference[layer].B.detach() for layer in layers]).to(device=b.device, dtype=b.dtype)
+        penalty = _GroupPenalty.apply(a, b, a_ref, b_ref, 0.5 * mu * scaling**2, 0.5 * alpha, 0.5 * lambda_reg)
+        total = penalty if total is None else total + penalty
+    assert total is not None  # local is non-empty
+    return total / len(local)

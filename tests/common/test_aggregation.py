@@ -1,0 +1,428 @@
+"""Server steps: factored == dense, the structure each method promises, and the edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.adapter import AdapterState, ClientUpdate, LoraFactors
+from common.aggregation import (
+    STRATEGIES,
+    AggregationResult,
+    AggregationSettings,
+    Strategy,
+    aggregate,
+    get_strategy,
+)
+from tests.common.dense_reference import dense_layer_step, dense_server_step, dense_target, weights_of
+from tests.common.factories import (
+    DEFAULT_SHAPES,
+    F64,
+    HEAD_SHAPES,
+    align_signs,
+    make_generator,
+    random_state,
+    random_updates,
+    rel_err,
+)
+
+METHODS = ("fedavg", "svd", "fedsvd", "subspace_reg")
+REFACTORIZING = ("svd", "fedsvd", "subspace_reg")
+TOL = 1e-6
+SCALING = 2.0
+PROPERTY = settings(max_examples=30, deadline=None)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn, methods: tuple[str, ...] = METHODS) -> dict:
+    """Random shapes (d != k allowed), K clients, client rank, target rank, clip mode and seed."""
+    method = draw(st.sampled_from(methods))
+    client_rank = draw(st.sampled_from([1, 2, 4, 8]))
+    rank = client_rank if method == "fedavg" else draw(st.sampled_from([1, 2, 4, 8]))
+    low = max(rank, client_rank)
+    shapes = {
+        "layer.a": (draw(st.integers(low, low + 12)), draw(st.integers(low, low + 12))),
+        "layer.b": (draw(st.integers(low, low + 12)), draw(st.integers(low, low + 12))),
+    }
+    return {
+        "method": method,
+        "num_clients": draw(st.sampled_from([1, 2, 3, 5])),
+        "client_rank": client_rank,
+        "rank": rank,
+        "shapes": shapes,
+        "clip": draw(st.sampled_from(["none", "active", "loose"])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def build(scenario: dict) -> tuple[AdapterState, list[ClientUpdate], AggregationSettings]:
+    gen = make_generator(scenario["seed"])
+    shapes, client_rank = scenario["shapes"], scenario["client_rank"]
+    global_state = random_state(gen, shapes, client_rank, head=HEAD_SHAPES)
+    updates = random_updates(gen, shapes, client_rank, scenario["num_clients"], head=HEAD_SHAPES)
+    norms = [float(torch.linalg.matrix_norm(dense_target(scenario["method"], layer, global_state, updates, SCALING)))
+             for layer in shapes]
+    clip = {"none": None, "active": 0.5 * min(norms), "loose": 10.0 * max(norms)}[scenario["clip"]]
+    return global_state, updates, AggregationSettings(scaling=SCALING, rank=scenario["rank"], max_update_norm=clip)
+
+
+def product(factors: LoraFactors, scaling: float = SCALING) -> torch.Tensor:
+    return scaling * factors.B.to(F64) @ factors.A.to(F64)
+
+
+def numerical_rank(s: torch.Tensor) -> int:
+    return int((s > s[0] * 1e-9).sum()) if s.numel() and s[0] > 0 else 0
+
+
+# --------------------------------------------------------------------------- factored == dense
+
+
+@PROPERTY
+@given(scenarios())
+def test_factored_matches_dense(scenario: dict) -> None:
+    global_state, updates, config = build(scenario)
+    result = aggregate(scenario["method"], global_state, updates, config)
+    dense_layers, dense_extra = dense_server_step(scenario["method"], global_state, updates, config.scaling,
+                                                  config.rank, config.max_update_norm)
+    for layer, dense in dense_layers.items():
+        new = result.state.lora[layer]
+        assert new.B.shape == (global_state.lora[layer].B.shape[0], config.rank)
+        assert new.A.shape == (config.rank, global_state.lora[layer].A.shape[1])
+        assert rel_err(product(new), dense.product) <= TOL
+        # Factors agree column by column, up to the SVD's sign, wherever the singular
+        # direction is determined (non-zero singular value); fedavg has no sign freedom.
+        if scenario["method"] == "fedavg":
+            assert rel_err(new.B, dense.B) <= TOL and rel_err(new.A, dense.A) <= TOL
+            continue
+        determined = numerical_rank(dense.S)
+        u = result.reference_basis[layer][:, :determined]
+        signs = align_signs(u, dense.U[:, :determined])
+        assert rel_err(u * signs, dense.U[:, :determined]) <= TOL
+        assert rel_err(new.B[:, :determined] * signs, dense.B[:, :determined]) <= TOL
+        assert rel_err(new.A[:determined] * signs[:, None], dense.A[:determined]) <= TOL
+    for key, mean in dense_extra.items():
+        assert rel_err(result.state.extra[key], mean) <= TOL
+
+
+@PROPERTY
+@given(scenarios(REFACTORIZING))
+def test_product_is_rescaled_truncated_svd_of_clipped_target(scenario: dict) -> None:
+    global_state, updates, config = build(scenario)
+    result = aggregate(scenario["method"], global_state, updates, config)
+    for layer in global_state.lora:
+        m = dense_target(scenario["method"], layer, global_state, updates, SCALING)
+        norm = float(torch.linalg.matrix_norm(m))
+        if config.max_update_norm is not None and norm > config.max_update_norm:
+            m = m * (config.max_update_norm / norm)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        truncated = u[:, :config.rank] @ torch.diag(s[:config.rank]) @ vh[:config.rank]
+        gain_sq = float(torch.linalg.matrix_norm(m) / torch.linalg.matrix_norm(truncated))
+        assert rel_err(product(result.state.lora[layer]), gain_sq * truncated) <= TOL
+        # The gain restores the clipped target's norm.
+        assert math.isclose(float(torch.linalg.matrix_norm(product(result.state.lora[layer]))),
+                            float(torch.linalg.matrix_norm(m)), rel_tol=TOL)
+
+
+@PROPERTY
+@given(scenarios(("subspace_reg",)))
+def test_subspace_reg_b_is_orthogonal_basis_of_top_subspace(scenario: dict) -> None:
+    global_state, updates, config = build(scenario)
+    result = aggregate("subspace_reg", global_state, updates, config)
+    for layer, factors in result.state.lora.items():
+        b = factors.B.to(F64)  # (d, r)
+        gram = b.T @ b
+        gain_sq = float(gram[0, 0])
+        # Mutually orthogonal columns of equal norm g: B^T B = g^2 I.
+        assert rel_err(gram, gain_sq * torch.eye(config.rank, dtype=F64)) <= TOL
+        u = result.reference_basis[layer]
+        assert rel_err(u.T @ u, torch.eye(config.rank, dtype=F64)) <= TOL
+        assert rel_err(b, math.sqrt(gain_sq) * u) <= TOL
+        # span(B) holds the top-r left singular subspace of the clipped weighted sum
+        # (all of it when r <= rank M; the whole range of M otherwise).
+        m = dense_target("subspace_reg", layer, global_state, updates, SCALING)
+        u_m, s_m, _ = torch.linalg.svd(m, full_matrices=False)
+        top = u_m[:, :min(config.rank, numerical_rank(s_m))]
+        captured = float(torch.linalg.matrix_norm(u.T @ top) ** 2)
+        assert math.isclose(captured, top.shape[1], rel_tol=TOL)
+
+
+@PROPERTY
+@given(scenarios(("fedsvd",)))
+def test_fedsvd_a_has_orthogonal_rows_of_equal_norm(scenario: dict) -> None:
+    global_state, updates, config = build(scenario)
+    result = aggregate("fedsvd", global_state, updates, config)
+    for factors in result.state.lora.values():
+        a = factors.A.to(F64)  # (r, k)
+        gram = a @ a.T
+        assert rel_err(gram, float(gram[0, 0]) * torch.eye(config.rank, dtype=F64)) <= TOL
+
+
+@PROPERTY
+@given(st.sampled_from([1, 2, 3, 5]), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))
+def test_fedavg_of_identical_clients_returns_that_client(num_clients: int, rank: int, seed: int) -> None:
+    gen = make_generator(seed)
+    client = random_state(gen, DEFAULT_SHAPES, rank, head=HEAD_SHAPES)
+    global_state = random_state(gen, DEFAULT_SHAPES, rank, head=HEAD_SHAPES)
+    updates = [ClientUpdate(client=f"c{i}", num_examples=i + 3, state=client) for i in range(num_clients)]
+    result = aggregate("fedavg", global_state, updates, AggregationSettings(SCALING, rank, 1.0))
+    for layer, factors in client.lora.items():
+        assert torch.allclose(result.state.lora[layer].A, factors.A, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(result.state.lora[layer].B, factors.B, rtol=1e-12, atol=1e-14)
+    for key, tensor in client.extra.items():
+        assert torch.allclose(result.state.extra[key], tensor, rtol=1e-12, atol=1e-14)
+
+
+def test_reference_basis_of_fedavg_spans_new_product() -> None:
+    gen = make_generator(3)
+    global_state = random_state(gen, DEFAULT_SHAPES, 4)
+    updates = random_updates(gen, DEFAULT_SHAPES, 4, 3)
+    result = aggregate("fedavg", global_state, updates, AggregationSettings(SCALING, 4, None))
+    for layer, factors in result.state.lora.items():
+        u = result.reference_basis[layer]
+        assert rel_err(u.T @ u, torch.eye(4, dtype=F64)) <= TOL
+        p = product(factors)
+        assert rel_err(u @ (u.T @ p), p) <= TOL  # projecting onto U keeps the new product
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_b_zero_gives_finite_unrescaled_result(method: str) -> None:
+    gen = make_generator(0)
+    global_state = random_state(gen, DEFAULT_SHAPES, 4, head=HEAD_SHAPES, zero_b=True)
+    updates = random_updates(gen, DEFAULT_SHAPES, 4, 3, head=HEAD_SHAPES, zero_b=True)
+    result = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, 5.0))
+    for layer, factors in result.state.lora.items():
+        for tensor in (factors.A, factors.B, result.reference_basis[layer]):
+            assert bool(torch.isfinite(tensor).all())
+        assert float(torch.linalg.matrix_norm(product(factors))) == 0.0
+        u = result.reference_basis[layer]
+        assert rel_err(u.T @ u, torch.eye(4, dtype=F64)) <= TOL
+        if method == "subspace_reg":  # B_g = U, not rescaled (g = 1)
+            assert torch.allclose(factors.B, u)
+        if method == "fedsvd":  # A_g = V^T, orthonormal rows, not rescaled
+            assert torch.allclose(factors.A @ factors.A.T, torch.eye(4, dtype=F64))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_client(method: str) -> None:
+    gen = make_generator(1)
+    global_state = random_state(gen, DEFAULT_SHAPES, 4, head=HEAD_SHAPES)
+    updates = random_updates(gen, DEFAULT_SHAPES, 4, 1, head=HEAD_SHAPES)
+    result = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
+    for layer, factors in result.state.lora.items():
+        # A single client's rank-4 update survives a rank-4 step exactly (fedsvd: with A_g).
+        mine = updates[0].state.lora[layer]
+        a = global_state.lora[layer].A if method == "fedsvd" else mine.A
+        assert rel_err(product(factors), SCALING * mine.B @ a) <= TOL
+    for key, tensor in updates[0].state.extra.items():
+        assert torch.allclose(result.state.extra[key], tensor)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_larger_than_stacked_rank_pads(method: str) -> None:
+    gen = make_generator(2)
+    client_rank, rank, num_clients = 2, 7, 2  # K r_c = 4 < r = 7 (fedsvd: r_c = 2 < 7)
+    global_state = random_state(gen, DEFAULT_SHAPES, client_rank)
+    updates = random_updates(gen, DEFAULT_SHAPES, client_rank, num_clients)
+    result = aggregate(method, global_state, updates, AggregationSettings(SCALING, rank, None))
+    for layer, factors in result.state.lora.items():
+        d, k = DEFAULT_SHAPES[layer]
+        assert factors.B.shape == (d, rank) and factors.A.shape == (rank, k)
+        assert bool(torch.isfinite(factors.A).all()) and bool(torch.isfinite(factors.B).all())
+        u = result.reference_basis[layer]
+        assert u.shape == (d, rank)
+        assert rel_err(u.T @ u, torch.eye(rank, dtype=F64)) <= TOL
+        # Nothing is truncated, so the step keeps the whole target.
+        if method != "fedavg":
+            target = dense_target(method, layer, global_state, updates, SCALING)
+        else:
+            p = weights_of(updates)
+            b = sum(p[i] * u_.state.lora[layer].B for i, u_ in enumerate(updates))
+            a = sum(p[i] * u_.state.lora[layer].A for i, u_ in enumerate(updates))
+            target = SCALING * b @ a
+        assert rel_err(product(factors), target) <= TOL
+
+
+@pytest.mark.parametrize("method", REFACTORIZING)
+def test_clip_disabled_keeps_norm_and_active_clip_hits_c(method: str) -> None:
+    gen = make_generator(4)
+    global_state = random_state(gen, DEFAULT_SHAPES, 4)
+    updates = random_updates(gen, DEFAULT_SHAPES, 4, 3)
+    free = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
+    clipped = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, 0.1))
+    for layer in global_state.lora:
+        target_norm = float(torch.linalg.matrix_norm(dense_target(method, layer, global_state, updates, SCALING)))
+        assert target_norm > 0.1
+        assert math.isclose(float(torch.linalg.matrix_norm(product(free.state.lora[layer]))), target_norm, rel_tol=TOL)
+        assert math.isclose(float(torch.linalg.matrix_norm(product(clipped.state.lora[layer]))), 0.1, rel_tol=TOL)
+
+
+def test_output_dtype_follows_global_state() -> None:
+    gen = make_generator(5)
+    global_state = random_state(gen, DEFAULT_SHAPES, 4, head=HEAD_SHAPES, dtype=torch.float32)
+    updates = random_updates(gen, DEFAULT_SHAPES, 4, 3, head=HEAD_SHAPES, dtype=torch.float16)
+    for method in METHODS:
+        result = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
+        for layer, factors in result.state.lora.items():
+            assert factors.A.dtype == factors.B.dtype == result.reference_basis[layer].dtype == torch.float32
+        assert all(t.dtype == torch.float32 for t in result.state.extra.values())
+
+
+def test_matches_dense_layer_step_on_a_wide_layer() -> None:
+    """One bigger, very non-square layer (d = 3k) with K = 5: a hand-picked sanity case."""
+    shapes = {"wide": (60, 20)}
+    gen = make_generator(6)
+    global_state = random_state(gen, shapes, 8)
+    updates = random_updates(gen, shapes, 8, 5)
+    for method in METHODS:
+        config = AggregationSettings(SCALING, 8, 3.0)
+        result = aggregate(method, global_state, updates, config)
+        dense = dense_layer_step(method, "wide", global_state, updates, SCALING, 8, 3.0)
+        assert rel_err(product(result.state.lora["wide"]), dense.product) <= TOL
+
+
+# --------------------------------------------------------------------------- registry and validation
+
+
+def test_registry_flags() -> None:
+    assert set(STRATEGIES) == set(METHODS)
+    for name, strategy in STRATEGIES.items():
+        assert isinstance(strategy, Strategy) and strategy.name == name
+        assert strategy.trains_lora_A == (name != "fedsvd")
+        assert strategy.uses_regularizer == (name == "subspace_reg")
+    assert get_strategy("svd") is STRATEGIES["svd"]
+
+
+def test_unknown_method_names_it_and_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"'fedprox'.*fedavg.*subspace_reg"):
+        get_strategy("fedprox")
+
+
+def _setup(num_clients: int = 2) -> tuple[AdapterState, list[ClientUpdate]]:
+    gen = make_generator(7)
+    return (random_state(gen, DEFAULT_SHAPES, 4, head=HEAD_SHAPES),
+            random_updates(gen, DEFAULT_SHAPES, 4, num_clients, head=HEAD_SHAPES))
+
+
+def _replace(update: ClientUpdate, lora: dict | None = None, extra: dict | None = None,
+             num_examples: int | None = None) -> ClientUpdate:
+    state = AdapterState(lora={**update.state.lora, **(lora or {})}, extra=extra if extra is not None else update.state.extra)
+    return ClientUpdate(client=update.client, num_examples=num_examples or update.num_examples, state=state)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shape_mismatch_names_layer_shapes_and_client(method: str) -> None:
+    global_state, updates = _setup()
+    old = updates[1].state.lora["enc.0.query"]
+    updates[1] = _replace(updates[1], lora={"enc.0.query": LoraFactors(A=old.A, B=torch.zeros(11, 4, dtype=F64))})
+    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.query.*lora_B.*\(11, 4\).*\(12, 4\)"):
+        aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
+
+
+def test_rank_mismatch_on_a_names_layer_shapes_and_client() -> None:
+    global_state, updates = _setup()
+    old = updates[0].state.lora["enc.0.output.dense"]
+    updates[0] = _replace(updates[0], lora={"enc.0.output.dense": LoraFactors(A=torch.zeros(2, 14, dtype=F64), B=old.B)})
+    with pytest.raises(ValueError, match=r"client-0.*enc\.0\.output\.dense.*lora_A.*\(2, 14\).*\(4, 14\)"):
+        aggregate("svd", global_state, updates, AggregationSettings(SCALING, 4, None))
+
+
+def test_missing_layer_names_it_and_the_client() -> None:
+    global_state, updates = _setup()
+    lora = dict(updates[1].state.lora)
+    del lora["enc.0.query"]
+    updates[1] = ClientUpdate("client-1", 5, AdapterState(lora=lora, extra=updates[1].state.extra))
+    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.query.*missing"):
+        aggregate("subspace_reg", global_state, updates, AggregationSettings(SCALING, 4, None))
+
+
+def test_extra_key_and_shape_mismatches_name_key_and_client() -> None:
+    global_state, updates = _setup()
+    extra = {k: v for k, v in updates[0].state.extra.items() if k != "classifier.bias"}
+    with pytest.raises(ValueError, match=r"client-0.*classifier\.bias.*missing"):
+        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
+                  AggregationSettings(SCALING, 4, None))
+    extra = {**updates[0].state.extra, "classifier.bias": torch.zeros(4, dtype=F64)}
+    with pytest.raises(ValueError, match=r"client-0.*classifier\.bias.*\(4,\).*\(3,\)"):
+        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
+                  AggregationSettings(SCALING, 4, None))
+    extra = {**updates[0].state.extra, "pooler.weight": torch.zeros(2, dtype=F64)}
+    with pytest.raises(ValueError, match=r"client-0.*pooler\.weight.*not in the global"):
+        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
+                  AggregationSettings(SCALING, 4, None))
+
+
+@pytest.mark.parametrize("count", [0, -3])
+def test_non_positive_num_examples(count: int) -> None:
+    global_state, updates = _setup()
+    bad = ClientUpdate(client="client-9", num_examples=count, state=updates[0].state)
+    with pytest.raises(ValueError, match=rf"client-9.*num_examples={count}"):
+        aggregate("svd", global_state, [updates[1], bad], AggregationSettings(SCALING, 4, None))
+
+
+def test_empty_updates_and_bad_values() -> None:
+    global_state, updates = _setup()
+    with pytest.raises(ValueError, match="empty"):
+        aggregate("svd", global_state, [], AggregationSettings(SCALING, 4, None))
+    nan_b = updates[0].state.lora["enc.0.query"].B.clone()
+    nan_b[0, 0] = float("nan")
+    bad = _replace(updates[0], lora={"enc.0.query": LoraFactors(A=updates[0].state.lora["enc.0.query"].A, B=nan_b)})
+    with pytest.raises(ValueError, match=r"client-0.*enc\.0\.query.*NaN"):
+        aggregate("svd", global_state, [bad], AggregationSettings(SCALING, 4, None))
+    with pytest.raises(ValueError, match=r"rank=10.*enc\.0\.query.*at most 9"):
+        aggregate("svd", global_state, updates, AggregationSettings(SCALING, 10, None))
+    with pytest.raises(ValueError, match=r"fedavg.*rank 4"):
+        aggregate("fedavg", global_state, updates, AggregationSettings(SCALING, 2, None))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"scaling": 0.0, "rank": 4, "max_update_norm": None}, "scaling"),
+    ({"scaling": 2.0, "rank": 0, "max_update_norm": None}, "rank"),
+    ({"scaling": 2.0, "rank": 4, "max_update_norm": 0.0}, "max_update_norm"),
+    ({"scaling": 2.0, "rank": 4, "max_update_norm": -1.0}, "max_update_norm"),
+])
+def test_settings_validation(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        AggregationSettings(**kwargs)
+
+
+def test_result_types() -> None:
+    global_state, updates = _setup()
+    result = aggregate("subspace_reg", global_state, updates, AggregationSettings(SCALING, 4, 1.0))
+    assert isinstance(result, AggregationResult)
+    assert set(result.reference_basis) == set(global_state.lora)
+    assert set(result.state.extra) == set(global_state.extra)
+
+
+def test_deterministic() -> None:
+    global_state, updates = _setup(3)
+    for method in METHODS:
+        first = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, 1.0))
+        second = aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, 1.0))
+        for layer in global_state.lora:
+            assert torch.equal(first.state.lora[layer].B, second.state.lora[layer].B)
+            assert torch.equal(first.state.lora[layer].A, second.state.lora[layer].A)
+            assert torch.equal(first.reference_basis[layer], second.reference_basis[layer])
+
+
+def test_registering_a_method_is_one_entry() -> None:
+    from common.aggregation import RefactorizingStrategy, client_mixture_target, register, split_balanced
+
+    name = "svd_copy_for_test"
+    register(RefactorizingStrategy(name=name, target=client_mixture_target, split=split_balanced))
+    try:
+        global_state, updates = _setup()
+        config = AggregationSettings(SCALING, 4, 1.0)
+        mine, reference = aggregate(name, global_state, updates, config), aggregate("svd", global_state, updates, config)
+        for layer in global_state.lora:
+            assert torch.equal(mine.state.lora[layer].B, reference.state.lora[layer].B)
+        with pytest.raises(ValueError, match="already registered"):
+            register(STRATEGIES[name])
+    finally:
+        del STRATEGIES[name]
