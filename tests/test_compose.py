@@ -1,0 +1,155 @@
+"""The Docker files, checked statically (no Docker needed): scripts/check_compose.py on this checkout,
+and each of its checks catching the mistake it exists for."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scripts import check_compose as cc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base() -> dict:
+    return cc.load_compose(ROOT / "docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def gpu(base: dict) -> dict:
+    return cc.merge(base, cc.load_compose(ROOT / "docker-compose.gpu.yml"))
+
+
+def test_repository_docker_files_pass() -> None:
+    assert cc.check_repository(ROOT) == []
+
+
+def test_command_line_exits_zero() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_compose.py")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "docker files OK" in result.stdout
+
+
+def test_default_federation_shape(base: dict) -> None:
+    services = base["services"]
+    clients = sorted(name for name, service in services.items() if cc.role(service) == "client")
+    assert clients == ["client-1", "client-2", "client-3"]
+    words = cc.overrides(services["coordinator"])
+    # the defaults a plain `docker compose up` runs: the embedded MiniLM, subspace_reg, 20 rounds, 3 clients
+    assert (words["model_name"], words["method"], words["num_rounds"], words["num_clients"]) == \
+        ("minilm", "subspace_reg", "20", "3")
+
+
+def test_environment_overrides_reach_the_coordinator() -> None:
+    doc = cc.load_compose(ROOT / "docker-compose.yml", {"METHOD": "fedavg", "ROUNDS": "2", "MODEL": "/cache/tiny"})
+    words = cc.overrides(doc["services"]["coordinator"])
+    assert (words["method"], words["num_rounds"], words["model_name"]) == ("fedavg", "2", "/cache/tiny")
+
+
+def test_gpu_variant_reserves_one_distinct_gpu_per_client(gpu: dict) -> None:
+    ids = []
+    for name in ("client-1", "client-2", "client-3"):
+        service = gpu["services"][name]
+        (device,) = cc.gpu_devices(service)
+        ids += device["device_ids"]
+        assert cc.environment(service)["DEVICE"] == "cuda:0"
+        assert cc.environment(service)["CLIENT_NAME"] == name   # the base file's environment survives the merge
+    assert len(set(ids)) == 3
+
+
+@pytest.mark.parametrize("var, value, expected", [
+    ("${A:-x}", {}, "x"), ("${A:-x}", {"A": ""}, "x"), ("${A-x}", {"A": ""}, ""), ("${A}", {"A": "y"}, "y"),
+    ("${A:?need A}", {}, "<A required>"), ("$$HOME", {}, "$HOME"), ("a=${A:---flag v}", {}, "a=--flag v"),
+])
+def test_interpolation(var: str, value: dict, expected: str) -> None:
+    assert cc.interpolate(var, value) == expected
+
+
+def _drop(path: list[str]) -> Callable[[dict], None]:
+    def mutate(doc: dict) -> None:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return mutate
+
+
+def _set(path: list[str], value) -> Callable[[dict], None]:
+    def mutate(doc: dict) -> None:
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return mutate
+
+
+def _remove_service(name: str) -> Callable[[dict], None]:
+    return lambda doc: doc["services"].pop(name)
+
+
+BASE_MISTAKES = [
+    ("depends_on without service_healthy",
+     _set(["services", "client-2", "depends_on"], ["coordinator"]), "service_healthy"),
+    ("no restart policy", _drop(["services", "client-1", "restart"]), "restart"),
+    ("coordinator restarts", _set(["services", "coordinator", "restart"], "always"), "finished run"),
+    ("runs not on a volume", _set(["services", "coordinator", "volumes"], ["model-cache:/cache"]), "/app/runs"),
+    ("cache volume undeclared", _set(["volumes"], {"runs": {}}), "declared"),
+    ("num_clients mismatch", _remove_service("client-3"), "num_clients=3"),
+    ("two images", _set(["services", "client-1", "image"], "other:1"), "one image"),
+    ("same client name", _set(["services", "client-2", "environment", "CLIENT_NAME"], "client-1"), "repeat"),
+    ("no shared network", _set(["services", "client-1", "networks"], ["elsewhere"]), "network"),
+    ("health check disabled", _set(["services", "coordinator", "healthcheck"], {"disable": True}), "disabled"),
+]
+
+
+@pytest.mark.parametrize("label, mutate, message", BASE_MISTAKES, ids=[m[0] for m in BASE_MISTAKES])
+def test_base_mistakes_are_caught(base: dict, label: str, mutate, message: str) -> None:
+    doc = copy.deepcopy(base)
+    mutate(doc)
+    problems = cc.check_local_federation(doc)
+    assert any(message in problem for problem in problems), (label, problems)
+
+
+GPU_MISTAKES = [
+    ("count instead of device_ids",
+     _set(["services", "client-1", "deploy", "resources", "reservations", "devices"],
+          [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]), "device_ids"),
+    ("same GPU twice",
+     _set(["services", "client-2", "deploy", "resources", "reservations", "devices"],
+          [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]), "same GPU"),
+    ("no reservation", _drop(["services", "client-3", "deploy"]), "reservations"),
+    ("device left on cpu", _set(["services", "client-1", "environment", "DEVICE"], "cpu"), "cuda"),
+]
+
+
+@pytest.mark.parametrize("label, mutate, message", GPU_MISTAKES, ids=[m[0] for m in GPU_MISTAKES])
+def test_gpu_mistakes_are_caught(gpu: dict, label: str, mutate, message: str) -> None:
+    doc = copy.deepcopy(gpu)
+    mutate(doc)
+    problems = cc.check_gpu_clients(doc, ["client-1", "client-2", "client-3"])
+    assert any(message in problem for problem in problems), (label, problems)
+
+
+DOCKERFILE_MISTAKES = [
+    ("root user", lambda text: text.replace("USER app", "USER root"), "non-root"),
+    ("no health check", lambda text: text.replace("HEALTHCHECK", "# HEALTHCHECK").replace(
+        '    CMD ["/opt/venv/bin/python"', '#    CMD ["/opt/venv/bin/python"'), "HEALTHCHECK"),
+    ("fixed base", lambda text: text.replace("FROM ${BASE_IMAGE}", "FROM python:3.11-slim"), "BASE_IMAGE"),
+    ("source before dependencies", lambda text: text.replace("FROM ${BASE_IMAGE} AS deps\n",
+                                                             "FROM ${BASE_IMAGE} AS deps\nCOPY . /app\n"), "cached"),
+]
+
+
+@pytest.mark.parametrize("label, mutate, message", DOCKERFILE_MISTAKES, ids=[m[0] for m in DOCKERFILE_MISTAKES])
+def test_dockerfile_mistakes_are_caught(label: str, mutate, message: str) -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert cc.check_dockerfile(text) == []
+    problems = cc.check_dockerfile(mutate(text))
+    assert any(message in problem for problem in problems), (label, problems)
