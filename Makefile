@@ -12,14 +12,21 @@ ROUNDS ?=
 CLIENTS ?=
 ARGS ?=
 PYTEST_ARGS ?=
+GRID ?= configs/grid_cpu.yaml
+GRID_ARGS ?=
+RUNS ?= runs/cpu_grid
+OUT ?= $(RUNS)/report
 
 RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(ROUNDS)) $(if $(CLIENTS),num_clients=$(CLIENTS)) $(ARGS)
 
-.PHONY: help setup proto run smoke test bench certs clean docker-test docker-check
+.PHONY: help setup proto run experiment report smoke test bench certs clean docker-test docker-check
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
 	@echo "              METHOD=fedavg|svd|fedsvd|subspace_reg ROUNDS=N CLIENTS=N CONFIG=file ARGS='key=value ...'"
+	@echo "make experiment  every (model, method, seed) of a grid as a real federation, then its report"
+	@echo "              GRID=configs/grid_cpu.yaml GRID_ARGS='--dry-run | --only method=fedavg | --keep-going'"
+	@echo "make report   tables (summary.md, summary.csv) and plots over run directories: RUNS=dir OUT=dir"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
 	@echo "make bench    benchmarks (results go in BENCHMARKS.md)"
@@ -41,6 +48,13 @@ proto: $(STAMP)
 
 run: proto
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m scripts.local_federation --config $(CONFIG) $(RUN_OVERRIDES)
+
+# Cells run one after the other; finished cells are skipped, so the same command continues a stopped grid.
+experiment: proto
+	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m experiments --grid $(GRID) $(GRID_ARGS)
+
+report: $(STAMP)
+	$(PYTHON) -m experiments.report $(RUNS) --out $(OUT)
 
 smoke: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \

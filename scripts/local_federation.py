@@ -30,8 +30,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny-model", action="store_true",
                         help="use a tiny randomly initialised BERT created on the fly (smoke tests)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="stop everything after this many seconds")
+    parser.add_argument("--devices", type=parse_devices, default=None, metavar="DEV1,DEV2",
+                        help="spread the clients over these devices: client i trains on the (i mod n)-th, "
+                             "e.g. cuda:0,cuda:1 (default: every client on the client's default device, cpu)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method=fedavg")
     return parser.parse_args(argv)
+
+
+def parse_devices(text: str) -> list[str]:
+    devices = [item.strip() for item in text.split(",")]
+    if not devices or any(not item for item in devices):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated devices, e.g. cuda:0,cuda:1")
+    return devices
+
+
+def client_device_args(index: int, devices: list[str] | None) -> list[str]:
+    """Round-robin over the given devices, as scripts/gpu_reference.sh does; none given: the client's default."""
+    return ["--device", devices[index % len(devices)]] if devices else []
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -102,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise TimeoutError("the coordinator did not start listening in time")
             time.sleep(0.2)
         address = address_file.read_text().strip()
-        print(f"coordinator on {address}; starting {num_clients} clients (logs in {run_dir}/logs/)", flush=True)
+        spread = f" over {','.join(args.devices)}" if args.devices else ""
+        print(f"coordinator on {address}; starting {num_clients} clients{spread} (logs in {run_dir}/logs/)", flush=True)
         for index in range(num_clients):
             processes.append(_start([sys.executable, "-m", "client", "--coordinator", address,
-                                     "--name", f"client-{index}", "--partition", str(index)],
+                                     "--name", f"client-{index}", "--partition", str(index),
+                                     *client_device_args(index, args.devices)],
                                     run_dir / "logs" / f"client-{index}.log", env))
         printed = 0
         reported_exits: set[int] = set()
