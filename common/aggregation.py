@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -227,24 +227,27 @@ def _check_tensor(client: str, what: str, got: torch.Tensor, expected: torch.Ten
         raise ValueError(f"client {client!r}: {what} contains NaN or inf; reject this upload")
 
 
+def _check_same_keys(client: str, what: str, expected: Iterable[str], got: Iterable[str], hint: str) -> None:
+    """The update names exactly the global adapter's tensors of one kind (LoRA layers or extra tensors)."""
+    expected, got = set(expected), set(got)
+    for key in sorted(expected - got):
+        raise ValueError(f"client {client!r}: {what} {key!r} of the global adapter is missing from its update")
+    for key in sorted(got - expected):
+        raise ValueError(f"client {client!r}: {what} {key!r} is not in the global adapter; {hint}")
+
+
 def _validate_update(global_state: AdapterState, update: ClientUpdate) -> None:
     client = update.client
     n = update.num_examples
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise ValueError(f"client {client!r}: num_examples={n!r} must be a positive integer (its training set size)")
     lora = update.state.lora
-    for layer in global_state.lora.keys() - lora.keys():
-        raise ValueError(f"client {client!r}: LoRA layer {layer!r} of the global adapter is missing from its update")
-    for layer in lora.keys() - global_state.lora.keys():
-        raise ValueError(f"client {client!r}: LoRA layer {layer!r} is not in the global adapter; check target_modules")
+    _check_same_keys(client, "LoRA layer", global_state.lora, lora, "check target_modules")
     for layer, expected in global_state.lora.items():
         _check_tensor(client, f"layer {layer!r} lora_A", lora[layer].A, expected.A)
         _check_tensor(client, f"layer {layer!r} lora_B", lora[layer].B, expected.B)
     extra = update.state.extra
-    for key in global_state.extra.keys() - extra.keys():
-        raise ValueError(f"client {client!r}: extra tensor {key!r} of the global adapter is missing from its update")
-    for key in extra.keys() - global_state.extra.keys():
-        raise ValueError(f"client {client!r}: extra tensor {key!r} is not in the global adapter; check the head")
+    _check_same_keys(client, "extra tensor", global_state.extra, extra, "check the head")
     for key, expected in global_state.extra.items():
         _check_tensor(client, f"extra tensor {key!r}", extra[key], expected)
 
