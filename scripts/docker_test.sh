@@ -231,15 +231,15 @@ log "compose config valid: docker-compose.yml, + docker-compose.gpu.yml, docker/
 # The compose file's own build section, through the same engine: every step must come from the
 # cache of the --network none build above, which shows that both build the same image.
 if [ "${COMPOSE[0]}" = docker-compose ]; then
-    PATH=/usr/bin:$PATH COMPOSE_DOCKER_CLI_BUILD=1 BASE_IMAGE=$BASE_IMAGE PIP_INSTALL_ARGS=--no-index \
+    PATH=/usr/bin:$PATH COMPOSE_DOCKER_CLI_BUILD=1 BASE_IMAGE=$BASE_IMAGE PIP_INSTALL_ARGS=--no-index BUILD_NETWORK=none \
         compose build --progress plain coordinator > "$LOGS/compose-build.log" 2>&1 \
         || { tail -n 20 "$LOGS/compose-build.log"; die "compose build failed"; }
 else
-    BASE_IMAGE=$BASE_IMAGE PIP_INSTALL_ARGS=--no-index compose build coordinator > "$LOGS/compose-build.log" 2>&1 \
+    BASE_IMAGE=$BASE_IMAGE PIP_INSTALL_ARGS=--no-index BUILD_NETWORK=none compose build coordinator > "$LOGS/compose-build.log" 2>&1 \
         || { tail -n 20 "$LOGS/compose-build.log"; die "compose build failed"; }
 fi
-# Dockerfile instructions (not [internal] steps) that ran / came from the cache
-counts=$(awk '/^#[0-9]+ \[/ && !/\[internal\]/ { step[$1] = 1 }
+# Dockerfile instructions (not [internal] steps, not FROM, which only resolves the base) that ran / came from the cache
+counts=$(awk '/^#[0-9]+ \[/ && !/\[internal\]/ && !/\] FROM / { step[$1] = 1 }
               /^#[0-9]+ DONE/ && ($1 in step) { ran++ } /^#[0-9]+ CACHED/ && ($1 in step) { cached++ }
               END { printf "%d ran, %d cached", ran, cached }' "$LOGS/compose-build.log")
 log "compose build through docker-compose.yml's build section: $counts"
@@ -268,7 +268,9 @@ log "coordinator exited 0"
 for service in client-1 client-2 client-3; do
     cid=$(compose ps -q "$service")
     client_code=$(timeout 120 "$DOCKER" wait "$cid") || die "$service did not exit within 120 s of the coordinator"
-    restarts=$("$DOCKER" inspect "$cid" --format '{{.RestartCount}}, last health check: {{.State.Health.Status}}')
+    # Health.Status reads "unhealthy" once a container has stopped (Docker sets it so on exit);
+    # the probes' own results while it ran are in Health.Log.
+    restarts=$("$DOCKER" inspect "$cid" --format '{{.RestartCount}}; health probes while running, exit codes:{{range .State.Health.Log}} {{.ExitCode}}{{end}}')
     [ "$client_code" = 0 ] \
         || { grep "^$service" "$LOGS/compose.log" | tail -n 30; die "$service exited with $client_code"; }
     log "$service exited 0 (restarts: $restarts)"
