@@ -20,14 +20,14 @@ def _clients(live, names):
     return out
 
 
-def _wait_round(live, index: int, attempt: int = 0):
-    deadline = time.monotonic() + 30
-    while True:
+def _wait_round(live, index: int, attempt: int = 0, polls: int = 1500):
+    """Poll until the round is open; give up after ``polls`` x 20 ms (30 s), a bound, not a speed check."""
+    for _ in range(polls):
         current = live.coordinator._round
         if current is not None and current.index == index and current.attempt == attempt and current.open:
             return current
-        assert time.monotonic() < deadline, f"round {index} (attempt {attempt}) never opened"
         time.sleep(0.02)
+    raise AssertionError(f"round {index} (attempt {attempt}) never opened")
 
 
 def _lines(live):
