@@ -169,6 +169,15 @@ class FederationConfig:
     """Deadline for the sampled clients' uploads of one round."""
     max_update_norm: float | None = 1e4
     """Uploads whose tensors exceed this Frobenius norm are rejected as corrupt; null disables it."""
+    max_examples_per_client: int | None = None
+    """Most examples a client with its own data (--data) may declare at join, and so its largest aggregation
+    weight; null: the size of the largest partition the coordinator hands out. Clients on a partition are
+    bound to its size."""
+    client_update_clip_norm: float | None = None
+    """Per-client bound on the update itself: each client's effective update against the current global
+    adapter (sum over layers of ||s B_i A_i - s B_g A_g||_F^2 plus the other trainable tensors, in factored
+    form) is clipped to this norm before weighting, by moving its tensors toward the global ones. null: off.
+    Clipped clients are listed as clipped_clients in metrics.jsonl."""
     save_client_updates: bool = False
     """Keep every accepted upload under updates/round_NNN/ in the run directory (audits, tests)."""
     min_clients_per_round: int | None = None
@@ -192,6 +201,11 @@ class FederationConfig:
         clip = self.max_effective_lora_update_norm
         _require(clip is None or clip > 0,
                  f"max_effective_lora_update_norm={clip!r}: must be positive or null (no clipping)")
+        _require(self.max_examples_per_client is None or self.max_examples_per_client >= 1,
+                 f"max_examples_per_client={self.max_examples_per_client!r}: must be a positive integer or null "
+                 f"(the largest partition)")
+        _require(self.client_update_clip_norm is None or self.client_update_clip_norm > 0,
+                 f"client_update_clip_norm={self.client_update_clip_norm!r}: must be positive or null (off)")
         _require(self.round_timeout_s > 0, f"round_timeout_s={self.round_timeout_s!r}: must be positive")
         _require(self.min_clients_per_round is None or self.min_clients_per_round >= 1,
                  f"min_clients_per_round={self.min_clients_per_round!r}: must be at least 1 or null")

@@ -32,24 +32,36 @@ def specs_to_proto(specs: list[TensorSpec], total_bytes: int) -> pb.PayloadHeade
 
 
 def specs_from_proto(header: pb.PayloadHeader, max_bytes: int) -> list[TensorSpec]:
-    """Validate a payload header; raises CodecError naming the offending tensor."""
-    if header.total_bytes > max_bytes:
-        raise CodecError(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes} bytes")
+    """Parse and validate a payload header; raises CodecError naming the offending tensor."""
+    specs = parse_specs(header)
+    check_layout(specs, header.total_bytes, max_bytes)
+    return specs
+
+
+def parse_specs(header: pb.PayloadHeader) -> list[TensorSpec]:
+    """The tensor specs alone (dtype codes resolved), for a receiver that checks them against what it
+    expects before it looks at sizes and offsets."""
     specs = []
     for t in header.tensors:
         if t.dtype not in _DTYPE_FROM_PROTO:
             raise CodecError(f"tensor {t.name!r} has unsupported dtype code {t.dtype}")
         specs.append(TensorSpec(t.name, _DTYPE_FROM_PROTO[t.dtype], tuple(t.shape), t.offset, t.nbytes))
-    validate_specs(specs, header.total_bytes)
+    return specs
+
+
+def check_layout(specs: list[TensorSpec], total_bytes: int, max_bytes: int) -> None:
+    """Total size within the limit; specs consistent with their shapes and tiling the buffer exactly."""
+    if total_bytes > max_bytes:
+        raise CodecError(f"payload of {total_bytes} bytes exceeds the limit of {max_bytes} bytes")
+    validate_specs(specs, total_bytes)
     end = 0
     for spec in sorted(specs, key=lambda s: s.offset):
         if spec.offset != end:
             raise CodecError(f"tensor {spec.name!r} starts at byte {spec.offset}, expected {end}: "
                              f"tensors must tile the payload without gaps or overlaps")
         end = spec.offset + spec.nbytes
-    if end != header.total_bytes:
-        raise CodecError(f"tensors cover {end} bytes but the payload declares {header.total_bytes}")
-    return specs
+    if end != total_bytes:
+        raise CodecError(f"tensors cover {end} bytes but the payload declares {total_bytes}")
 
 
 def chunks_to_proto(buffer: bytes) -> Iterator[pb.PayloadChunk]:

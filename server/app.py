@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import signal
 import threading
 import time
@@ -78,7 +77,7 @@ def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[:
     model = ServerModel(config, data.eval, num_labels=len(data.label_names))
     coordinator = Coordinator(config, directory, model, model.initial_state(),
                               partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s,
-                              run_id=secrets.token_hex(8))
+                              run_id=directory.run_id(resume))
     if resume:
         committed = coordinator.restore()
         directory.append_event({"event": "resumed", "after_round": committed})

@@ -20,6 +20,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,11 +29,13 @@ import torch
 
 from common.adapter import AdapterState, ClientUpdate
 from common.aggregation import AggregationSettings, get_strategy
+from common.clipping import clip_update
 from common.codec import TensorSpec, encode_tensors
 from common.config import RunConfig
 from common.metrics import alignment_metrics
 from common.sampling import sample_clients
-from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge
+from common.validation import ExpectedTensors, PayloadRejected
+from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge, UploadInProgress
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
 
@@ -109,7 +113,7 @@ def round_seed(seed: int, round_index: int, partition: int) -> int:
 class Coordinator:
     def __init__(self, config: RunConfig, run_dir: RunDirectory, model: GlobalModel,
                  initial_state: dict[str, torch.Tensor], partition_sizes: list[int],
-                 poll_timeout_s: float = 10.0, max_payload_bytes: int = 2 << 30, run_id: str = "") -> None:
+                 poll_timeout_s: float = 10.0, run_id: str = "") -> None:
         self.config = config
         self.run_dir = run_dir
         self.model = model
@@ -119,10 +123,15 @@ class Coordinator:
             max_update_norm=config.federation.max_effective_lora_update_norm,
         )
         self.partition_sizes = partition_sizes
-        self.registry = ClientRegistry(num_partitions=len(partition_sizes))
+        self.max_examples_per_client = config.federation.max_examples_per_client or max(partition_sizes)
+        self.registry = ClientRegistry(partition_sizes)
         self.poll_timeout_s = poll_timeout_s
-        self.max_payload_bytes = max_payload_bytes
         self._global: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}
+        # An upload holds exactly the global adapter's tensors: known before any upload, so its header is
+        # checked against it before a payload byte is read, and no upload may be larger than this.
+        self.expected_upload = ExpectedTensors.like(self._global)
+        self.max_payload_bytes = self.expected_upload.max_bytes
+        self._uploading: set[str] = set()  # names of clients with an upload stream in progress
         self._reference: dict[str, torch.Tensor] = {}     # layer -> U (d, r), orthonormal columns
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -151,7 +160,6 @@ class Coordinator:
         self._reference = {k[: -len(REFERENCE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(REFERENCE_SUFFIX)}
         self._completed_rounds = int(state["round"])
         self._best_accuracy = float(state.get("best_accuracy", -math.inf))
-        self.run_id = state.get("run_id", self.run_id)
         self.registry.restore(state.get("registry", []))
         self.run_dir.truncate_metrics(after_round=self._completed_rounds)
         log.info("resuming after committed round %d (clients rejoin by name)", self._completed_rounds)
@@ -159,9 +167,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ servicer API
 
-    def join(self, name: str, requested_partition: int, device: str) -> ClientRecord:
-        record = self.registry.join(name, requested_partition, device)
-        log.info("client %s joined (partition %d, %s)", name, record.partition, device or "unknown device")
+    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0) -> ClientRecord:
+        """Register a client. One with its own data declares its size here and is bound to it (at most
+        max_examples_per_client); one without is bound to the size of the partition it is given."""
+        if declared_examples > self.max_examples_per_client:
+            raise BadRequest(f"client {name!r} declares {declared_examples} examples of its own data, above "
+                             f"max_examples_per_client={self.max_examples_per_client} (without the key: the largest "
+                             f"partition); the coordinator's operator can raise max_examples_per_client")
+        record = self.registry.join(name, requested_partition, device, declared_examples)
+        log.info("client %s joined (partition %d, %d examples%s, %s)", name, record.partition, record.num_examples,
+                 " of its own data" if declared_examples else "", device or "unknown device")
         with self._changed:
             self._changed.notify_all()
         return record
@@ -218,31 +233,57 @@ class Coordinator:
                     return WaitHint(retry_after_ms=0, reason=reason)
                 self._changed.wait(remaining)
 
-    def check_upload_header(self, client_id: str, round_index: int, num_examples: int, total_bytes: int) -> ClientRecord:
-        """Reject an upload before its payload is read: wrong round, not sampled, duplicate, oversize."""
+    def check_upload_header(self, client_id: str, round_index: int, num_examples: int,
+                            specs: list[TensorSpec], total_bytes: int) -> ClientRecord:
+        """Reject an upload before its payload is read: its round, its claimed size, its tensors and their size."""
         record = self.registry.get(client_id)
+        if num_examples != record.num_examples:
+            source = ("its own data, as declared at join" if record.own_data
+                      else f"partition {record.partition}, as the coordinator handed it out")
+            raise BadRequest(f"upload from {record.name!r} claims num_examples={num_examples}; this client holds "
+                             f"{record.num_examples} examples ({source}); the aggregation weight is that size")
+        try:
+            self.expected_upload.check_specs(specs, repr(record.name))
+        except PayloadRejected as error:
+            raise BadRequest(str(error)) from None
         if total_bytes > self.max_payload_bytes:
             raise PayloadTooLarge(f"upload of {total_bytes} bytes exceeds the coordinator's limit of "
-                                  f"{self.max_payload_bytes} bytes")
-        if num_examples <= 0:
-            raise BadRequest(f"num_examples={num_examples}: must be positive (the client's partition size)")
+                                  f"{self.max_payload_bytes} bytes (the global adapter in float32)")
         with self._lock:
             self._check_round_accepts(record, round_index)
         return record
 
-    def submit(self, client_id: str, round_index: int, num_examples: int,
-               tensors: dict[str, torch.Tensor], stats: UploadStats) -> None:
-        """Validate and store one upload. Nothing changes unless every check passes."""
-        record = self.check_upload_header(client_id, round_index, num_examples, stats.payload_bytes)
-        state = self._validate_tensors(record.name, tensors)
-        update = ClientUpdate(client=record.name, num_examples=num_examples, state=state)
+    @contextmanager
+    def upload_slot(self, record: ClientRecord) -> Iterator[None]:
+        """One upload stream per client at a time: a second concurrent stream is refused, not buffered."""
+        with self._lock:
+            if record.name in self._uploading:
+                raise UploadInProgress(f"an upload from {record.name!r} is already in progress; "
+                                       f"retry once it has finished")
+            self._uploading.add(record.name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uploading.discard(record.name)
+
+    def submit(self, record: ClientRecord, round_index: int, tensors: dict[str, torch.Tensor],
+               stats: UploadStats) -> None:
+        """Store one upload whose header passed check_upload_header. Nothing changes unless every check passes."""
+        try:
+            clean = self.expected_upload.check_values(tensors, repr(record.name),
+                                                      max_norm=self.config.federation.max_update_norm)
+        except PayloadRejected as error:
+            raise BadRequest(str(error)) from None
+        update = ClientUpdate(client=record.name, num_examples=record.num_examples,
+                              state=AdapterState.from_state_dict(clean))
         with self._changed:
             self._check_round_accepts(record, round_index)   # the round may have closed meanwhile
             assert self._round is not None
-            self._round.updates[client_id] = (update, stats)
+            self._round.updates[record.client_id] = (update, stats)
             self._changed.notify_all()
         log.info("round %d: update from %s (%d examples, loss %.4f, %.1fs)",
-                 round_index, record.name, num_examples, stats.train_loss, stats.train_seconds)
+                 round_index, record.name, record.num_examples, stats.train_loss, stats.train_seconds)
 
     def _check_round_accepts(self, record: ClientRecord, round_index: int) -> None:
         current = self._round
@@ -260,32 +301,6 @@ class Coordinator:
                                f"({current.dropped[record.client_id]}); its update no longer counts")
         if record.client_id in current.updates:
             raise DuplicateUpdate(f"client {record.name!r} already reported for round {round_index}")
-
-    def _validate_tensors(self, client: str, tensors: dict[str, torch.Tensor]) -> AdapterState:
-        expected = self._global
-        missing = sorted(expected.keys() - tensors.keys())
-        extra = sorted(tensors.keys() - expected.keys())
-        if missing or extra:
-            raise BadRequest(f"upload from {client!r} has the wrong tensors: missing {missing[:3]}"
-                             f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        bound = self.config.federation.max_update_norm
-        clean: dict[str, torch.Tensor] = {}
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise BadRequest(f"upload from {client!r}: tensor {name!r} has shape {list(tensor.shape)}, "
-                                 f"expected {list(expected[name].shape)}")
-            if not tensor.is_floating_point():
-                raise BadRequest(f"upload from {client!r}: tensor {name!r} has dtype {tensor.dtype}; "
-                                 f"send float32, float16 or bfloat16")
-            value = tensor.to(torch.float32)
-            if not torch.isfinite(value).all():
-                raise BadRequest(f"upload from {client!r}: tensor {name!r} contains NaN or Inf")
-            norm = float(torch.linalg.vector_norm(value))
-            if bound is not None and norm > bound:
-                raise BadRequest(f"upload from {client!r}: tensor {name!r} has norm {norm:.4g} above "
-                                 f"max_update_norm={bound} (raise it in the config if this is legitimate)")
-            clean[name] = value
-        return AdapterState.from_state_dict(clean)
 
     # ------------------------------------------------------------------ driver
 
@@ -363,17 +378,32 @@ class Coordinator:
         raise QuorumLost(f"round {round_index} stayed below quorum after {fed.max_round_retries} retries")
 
     def _sample(self, round_index: int, attempt: int) -> list[int]:
-        """The first attempt samples every partition (seed + round); a retry samples connected clients only."""
+        """The first attempt samples every partition (seed + round: a pure function, which a bit-exact resume
+        needs); a retry samples live sessions only (keep-alive open, heartbeat within the timeout)."""
         fed = self.config.federation
         num = len(self.partition_sizes)
         wanted = fed.clients_per_round(num)
         if attempt == 0:
             return sample_clients(num, wanted, fed.seed, round_index)
-        live = [p for p in range(num) if (r := self.registry.for_partition(p)) is not None and not r.keepalive_lost]
+        live = self._live_partitions(needed=fed.quorum(wanted), timeout_s=fed.heartbeat_timeout_s)
         if not live:
             return []
         picks = sample_clients(len(live), min(wanted, len(live)), fed.seed + 7919 * attempt, round_index)
         return [live[i] for i in picks]
+
+    def _live_partitions(self, needed: int, timeout_s: float) -> list[int]:
+        """Partitions held by live sessions, once at least ``needed`` are (a retry right after a failed attempt
+        would otherwise sample the same few survivors, or nobody, within a millisecond); at most ``timeout_s``."""
+        heartbeat_timeout = self.config.federation.heartbeat_timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                live = [p for p in range(len(self.partition_sizes))
+                        if (r := self.registry.for_partition(p)) is not None and self.registry.is_live(r, heartbeat_timeout)]
+                remaining = deadline - time.monotonic()
+                if len(live) >= needed or remaining <= 0 or self._stop_requested:
+                    return live
+                self._changed.wait(min(remaining, 0.5))
 
     def _open_round(self, round_index: int, attempt: int = 0) -> None:
         fed = self.config.federation
@@ -443,10 +473,14 @@ class Coordinator:
         assert current is not None
         started = time.time()
         reported = sorted(current.updates.items(), key=lambda item: current.sampled[item[0]])
-        updates = [update for _, (update, _) in reported]
         stats = {current.names[cid]: s for cid, (_, s) in reported}
 
         global_state = AdapterState.from_state_dict(self._global)
+        # Each client's own update, bounded before it is weighted (off unless client_update_clip_norm is set).
+        bound = self.config.federation.client_update_clip_norm
+        clipped = {update.client: clip_update(update.state, global_state, self.settings.scaling, bound)
+                   for _, (update, _) in reported}
+        updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, (u, _) in reported]
         result = self.strategy.aggregate(global_state, updates, self.settings)
         new_global = {k: v.to(torch.float32).contiguous() for k, v in result.state.to_state_dict().items()}
         diagnostics = alignment_metrics(updates, result.state, self.settings.scaling)
@@ -476,6 +510,8 @@ class Coordinator:
             "eval_examples": evaluation.get("num_examples"),
             "train_loss": sum(w * l for w, l in zip(weights, train_losses)) / sum(weights),
             **diagnostics,
+            "client_update_norms": {name: c.norm for name, c in clipped.items()},
+            "clipped_clients": sorted(name for name, c in clipped.items() if c.factor < 1.0),
             "participants": [current.names[cid] for cid, _ in reported],
             "partitions": [current.sampled[cid] for cid, _ in reported],
             "num_examples": weights,

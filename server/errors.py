@@ -34,6 +34,11 @@ class PayloadTooLarge(CoordinatorError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class UploadInProgress(CoordinatorError):
+    """A second upload stream from a client whose first one is still open; the client may retry."""
+    status = "ABORTED"
+
+
 class CorruptPayload(CoordinatorError):
     """Digest mismatch, truncated or out-of-order stream."""
     status = "DATA_LOSS"

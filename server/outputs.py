@@ -1,5 +1,6 @@
 """The run directory: everything a run writes, each file written atomically.
 
+    run.json               the run's id, made with the directory and kept by every resume
     config.yaml            resolved configuration
     partition_stats.json   sizes and label histograms of the client partitions
     metrics.jsonl          one JSON line per round
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -54,6 +56,18 @@ class RunDirectory:
         self.summary_path = self.path / "summary.json"
         self.adapters = self.path / "adapters"
         self.checkpoint = self.path / "checkpoint"
+
+    def run_id(self, resume: bool) -> str:
+        """The run's identity: made when the run directory starts a run, read back by every resume, so that
+        clients that rejoin a restarted coordinator know it is still their run (even before round 1 committed)."""
+        identity = self.path / "run.json"
+        if resume and identity.exists():
+            return str(json.loads(identity.read_text())["run_id"])
+        latest = self.checkpoint / "latest.json"
+        run_id = (json.loads(latest.read_text()).get("run_id") if resume and latest.exists() else None) \
+            or secrets.token_hex(8)        # a directory written before run.json existed keeps its checkpoint's id
+        _atomic_write_text(identity, json.dumps({"run_id": run_id, "created": time.time()}) + "\n")
+        return run_id
 
     def write_config(self, flat_config: dict[str, Any]) -> None:
         _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(flat_config, sort_keys=True))

@@ -16,6 +16,8 @@ class ClientRecord:
     name: str
     partition: int
     device: str
+    num_examples: int = 0       # what each upload must claim: its partition's size, or its declared own data
+    own_data: bool = False      # trains on data of its own (--data), whose size it declared at join
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     keepalive_open: bool = False
@@ -30,13 +32,16 @@ class ClientRegistry:
     on behalf of the new one.
     """
 
-    def __init__(self, num_partitions: int) -> None:
-        self._num_partitions = num_partitions
+    def __init__(self, partition_sizes: list[int]) -> None:
+        self._partition_sizes = partition_sizes
+        self._num_partitions = len(partition_sizes)
         self._lock = threading.Lock()
         self._by_id: dict[str, ClientRecord] = {}
         self._by_name: dict[str, ClientRecord] = {}
 
-    def join(self, name: str, requested_partition: int, device: str) -> ClientRecord:
+    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0) -> ClientRecord:
+        """Register a session; ``declared_examples`` > 0 binds it to the size of its own data (checked by the
+        caller against the run's cap), 0 to the size of the partition it holds."""
         if not name or len(name) > 128:
             raise BadRequest(f"client_name {name!r} must be 1 to 128 characters")
         with self._lock:
@@ -49,7 +54,9 @@ class ClientRegistry:
                 self._by_id.pop(previous.client_id, None)
             else:
                 partition = self._assign_partition(name, requested_partition)
-            record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device)
+            record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device,
+                                  num_examples=declared_examples or self._partition_sizes[partition],
+                                  own_data=declared_examples > 0)
             self._by_id[record.client_id] = record
             self._by_name[name] = record
             return record
@@ -96,6 +103,13 @@ class ClientRegistry:
             elif record.keepalive_open:
                 record.keepalive_open, record.keepalive_lost = False, True
 
+    @staticmethod
+    def is_live(record: ClientRecord, heartbeat_timeout_s: float) -> bool:
+        """A session that can be sampled: its KeepAlive stream is open and its last heartbeat is recent.
+        A session whose stream never opened (a process that joined and died, or exited at once) is not."""
+        return (bool(record.client_id) and record.keepalive_open and not record.keepalive_lost
+                and time.monotonic() - record.last_seen <= heartbeat_timeout_s)
+
     def for_partition(self, partition: int) -> ClientRecord | None:
         with self._lock:
             for record in self._by_name.values():
@@ -104,8 +118,9 @@ class ClientRegistry:
         return None
 
     def num_joined(self) -> int:
+        """Sessions that joined and whose connection has not been seen to close."""
         with self._lock:
-            return sum(1 for record in self._by_name.values() if record.client_id)
+            return sum(1 for record in self._by_name.values() if record.client_id and not record.keepalive_lost)
 
     def records(self) -> list[ClientRecord]:
         with self._lock:

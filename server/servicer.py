@@ -11,7 +11,8 @@ from common.codec import CodecError, decode_tensors
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
-from proto.serde import PayloadAssembler, chunks_to_proto, specs_from_proto, specs_to_proto, trailer_to_proto
+from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
+                         trailer_to_proto)
 from server.coordinator import Coordinator, Finished, Task, UploadStats
 from server.errors import BadRequest, CoordinatorError, CorruptPayload, VersionMismatch
 
@@ -37,7 +38,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         try:
             _check_version(request.protocol_version)
-            record = self.coordinator.join(request.client_name, request.partition_index, request.device)
+            record = self.coordinator.join(request.client_name, request.partition_index, request.device,
+                                           declared_examples=request.num_examples)
         except CoordinatorError as error:
             _abort(context, error)
         return pb.JoinReply(
@@ -68,12 +70,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.TaskMessage(wait=pb.Wait(retry_after_ms=task.retry_after_ms, reason=task.reason))
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext) -> pb.SubmitReply:
+        """Header checked in full (round, claimed size, tensor names, shapes, dtypes, total size) before any
+        payload byte is read; one stream per client at a time; then the payload, its digest, its values."""
         try:
-            header, buffer = self._receive_update(request_iterator)
-            tensors = decode_tensors(specs_from_proto(header.payload, self.coordinator.max_payload_bytes), buffer)
-            self.coordinator.submit(header.client_id, header.round, header.num_examples, tensors, UploadStats(
-                train_loss=header.train_loss, train_seconds=header.train_seconds,
-                local_steps=header.local_steps, payload_bytes=len(buffer)))
+            header = self._read_header(request_iterator)
+            specs = parse_specs(header.payload)
+            record = self.coordinator.check_upload_header(header.client_id, header.round, header.num_examples,
+                                                          specs, header.payload.total_bytes)
+            check_layout(specs, header.payload.total_bytes, self.coordinator.max_payload_bytes)
+            with self.coordinator.upload_slot(record):
+                buffer = self._receive_payload(header, request_iterator)
+                tensors = decode_tensors(specs, buffer)
+                self.coordinator.submit(record, header.round, tensors, UploadStats(
+                    train_loss=header.train_loss, train_seconds=header.train_seconds,
+                    local_steps=header.local_steps, payload_bytes=len(buffer)))
         except CodecError as error:
             _abort(context, BadRequest(str(error)))
         except CoordinatorError as error:
@@ -103,15 +113,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.coordinator.keepalive(client_id, is_open=False)
         return pb.KeepAliveReply(message="stream closed")
 
-    def _receive_update(self, messages: Iterator[pb.UpdateMessage]) -> tuple[pb.UpdateHeader, bytes]:
-        """Header first (checked before any payload is read), then chunks, then the trailer."""
+    @staticmethod
+    def _read_header(messages: Iterator[pb.UpdateMessage]) -> pb.UpdateHeader:
         first = next(messages, None)
         if first is None or first.WhichOneof("kind") != "header":
             raise BadRequest("an upload must start with an UpdateHeader")
-        header = first.header
-        _check_version(header.protocol_version)
-        self.coordinator.check_upload_header(header.client_id, header.round, header.num_examples,
-                                             header.payload.total_bytes)
+        _check_version(first.header.protocol_version)
+        return first.header
+
+    @staticmethod
+    def _receive_payload(header: pb.UpdateHeader, messages: Iterator[pb.UpdateMessage]) -> bytes:
+        """Chunks, in order, then the trailer with the digest."""
         assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
         for message in messages:
             kind = message.WhichOneof("kind")
@@ -119,7 +131,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if kind == "chunk":
                     assembler.add(message.chunk)
                 elif kind == "trailer":
-                    return header, assembler.finish(message.trailer)
+                    return assembler.finish(message.trailer)
                 else:
                     raise BadRequest(f"unexpected {kind!r} message inside an upload")
             except CodecError as error:

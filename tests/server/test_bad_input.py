@@ -31,7 +31,7 @@ CASES = {
     "wrong shape": (lambda t: _changed(t, "layer.lora_A.weight", torch.zeros(2, 11)), INVALID,
                     "'layer.lora_A.weight' has shape [2, 11], expected [2, 10]"),
     "wrong dtype": (lambda t: _changed(t, "classifier.weight", torch.zeros(3, 4, dtype=torch.int64)), INVALID,
-                    "has dtype torch.int64"),
+                    "has dtype int64; send float32, float16, bfloat16"),
     "NaN": (lambda t: _changed(t, "layer.lora_B.weight", torch.full((12, 2), float("nan"))), INVALID,
             "'layer.lora_B.weight' contains NaN or Inf"),
     "Inf": (lambda t: _changed(t, "classifier.weight", torch.full((3, 4), float("inf"))), INVALID,

@@ -80,8 +80,9 @@ def test_below_quorum_retries_with_a_fresh_sample_of_connected_clients(tmp_path)
     clients = _clients(live, ["c0", "c1", "c2"])
     try:
         first = _wait_round(live, 1)
+        for cid in clients:                       # every session's keep-alive is open: all are live
+            live.coordinator.keepalive(cid, is_open=True)
         lost, kept = list(first.sampled)
-        live.coordinator.keepalive(lost, is_open=True)
         live.coordinator.keepalive(lost, is_open=False)
         task = clients[kept].next_task(kept)
         assert clients[kept].submit(kept, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
