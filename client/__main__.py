@@ -34,6 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-ca", help="CA (PEM) that signed the coordinator's certificate; enables TLS")
     parser.add_argument("--tls-cert", help="this client's certificate (PEM), for mutual TLS")
     parser.add_argument("--tls-key", help="this client's private key (PEM), for mutual TLS")
+    parser.add_argument("--allow-insecure-token", action="store_true",
+                        help="send the token without TLS to a coordinator that is not on loopback; acceptable only "
+                             "on a private network that no one else can reach, such as the compose network on one "
+                             "host (default: refuse, exit 2)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     return parser.parse_args(argv)
 
@@ -49,17 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"error: --device {args.device} but CUDA is not available here; use --device cpu", file=sys.stderr)
             return 2
-    from client.connection import ClientSecurity, CoordinatorGone, NotAuthenticated
+    from client.connection import (ClientSecurity, ClientSetupError, CoordinatorGone, CorruptTask, InvalidTask,
+                                   JoinRefused, NotAuthenticated)
     from client.runtime import ClientOptions, RunChanged, run_client
 
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("SUBSPACEFL_TOKEN")
-    security = ClientSecurity(token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    security = ClientSecurity(token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              allow_insecure_token=args.allow_insecure_token)
     options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
                             partition=args.partition, patience_s=args.patience, save_received=args.save_received,
                             threads=args.threads, security=security)
     logger = logging.getLogger("client")
     try:
         return run_client(options)
+    except ClientSetupError as error:     # a token without TLS, unreadable certificate files
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except CoordinatorGone as error:
         logger.error("%s", error)
         return 3
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunChanged as error:
         logger.error("%s", error)
         return 5
+    except JoinRefused as error:
+        logger.error("%s", error)
+        return 2
+    except (InvalidTask, CorruptTask) as error:     # never train on it: stop, the coordinator drops this client
+        logger.error("%s", error)
+        return 6
     except KeyboardInterrupt:
         return 130
 

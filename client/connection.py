@@ -19,16 +19,22 @@ from typing import TypeVar
 import grpc
 import torch
 
-from common.codec import decode_tensors, encode_tensors
+from client.tls_check import diagnose_tls, is_loopback, split_target
+from common.codec import CodecError, decode_tensors, encode_tensors
+from common.validation import ExpectedTensors, PayloadRejected
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
-from proto.serde import PayloadAssembler, chunks_to_proto, specs_from_proto, specs_to_proto, trailer_to_proto
+from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
+                         trailer_to_proto)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.ABORTED}   # ABORTED: an earlier upload stream of ours is still open on the coordinator
+_JOIN_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.FAILED_PRECONDITION}
 MAX_DOWNLOAD_BYTES = 8 << 30
 TLS_REFUSALS_BEFORE_GIVING_UP = 3
 
@@ -45,6 +51,26 @@ class NotAuthenticated(RuntimeError):
     """The coordinator refused this client's token or certificate."""
 
 
+class ClientSetupError(ValueError):
+    """The client's own settings cannot work (unreadable certificate files, a token without TLS...)."""
+
+
+class InsecureToken(ClientSetupError):
+    """A token would go in cleartext to a host that is not loopback, and nobody said that is acceptable."""
+
+
+class JoinRefused(RuntimeError):
+    """The coordinator refused to register this client (its name, partition or declared size)."""
+
+
+class CorruptTask(RuntimeError):
+    """A task arrived damaged in transit (truncated, digest mismatch): fetching it again may help."""
+
+
+class InvalidTask(RuntimeError):
+    """The coordinator sent tensors this client must not train on (wrong names, shapes, dtypes, NaN or Inf)."""
+
+
 @dataclass(frozen=True)
 class ClientSecurity:
     token: str | None = None
@@ -53,13 +79,36 @@ class ClientSecurity:
     tls_cert: str | None = None
     tls_key: str | None = None
     """This client's certificate and key, for a coordinator that requires mutual TLS."""
+    allow_insecure_token: bool = False
+    """Send the token without TLS to a host that is not loopback (a private network with no route out)."""
+
+    @property
+    def uses_tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def check_token_transport(self, address: str) -> None:
+        """Refuse a token in cleartext to anything but loopback, unless allowed; resolves no names, sends nothing."""
+        if not self.token or self.uses_tls or self.allow_insecure_token or is_loopback(address):
+            return
+        host, _port = split_target(address)
+        raise InsecureToken(f"the token would travel in cleartext to {host}, which is not a loopback address: use TLS "
+                            f"(--tls-ca, with the coordinator on --tls-cert/--tls-key), or pass --allow-insecure-token "
+                            f"if {host} is on a private network no one else can reach (such as the compose network "
+                            f"on one host)")
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
-        if not (self.tls_ca or self.tls_cert):
+        if not self.uses_tls:
             return None
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together: give both")
-        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+            raise ClientSetupError("--tls-cert and --tls-key go together: give both")
+
+        def read(path: str | None) -> bytes | None:
+            try:
+                return Path(path).read_bytes() if path else None
+            except OSError as error:
+                raise ClientSetupError(f"cannot read {path}: {error.strerror}; check --tls-ca, --tls-cert and "
+                                       f"--tls-key") from None
+
         return grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca), private_key=read(self.tls_key),
                                             certificate_chain=read(self.tls_cert))
 
@@ -103,6 +152,8 @@ class CoordinatorConnection:
         self.patience_s = patience_s
         self.max_backoff_s = max_backoff_s
         security = security or ClientSecurity()
+        security.check_token_transport(address)     # before any channel exists: nothing has been sent yet
+        self.security = security
         options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
                    ("grpc.keepalive_permit_without_calls", 1)]
         credentials = security.channel_credentials()
@@ -158,6 +209,11 @@ class CoordinatorConnection:
                     raise NotAuthenticated(f"coordinator at {self.address} refused this client: "
                                            f"{error.details()}") from None
                 tls_refusals = tls_refusals + 1 if self.uses_tls and _is_tls_refusal(error) else 0
+                if tls_refusals:
+                    # A certificate problem does not fix itself: name it at the first refusal.
+                    diagnosis = self._diagnose_tls()
+                    if diagnosis:
+                        raise NotAuthenticated(f"TLS with {self.address} failed: {diagnosis}") from None
                 if tls_refusals >= TLS_REFUSALS_BEFORE_GIVING_UP:
                     # gRPC enforces mutual TLS in the handshake, so a refused certificate never reaches a
                     # handler that could answer UNAUTHENTICATED; the coordinator just closes the socket.
@@ -175,21 +231,38 @@ class CoordinatorConnection:
                 time.sleep(delay * (0.75 + 0.5 * random.random()))
                 delay = min(delay * 2, self.max_backoff_s)
 
-    def join(self, name: str, partition_index: int = -1, device: str = "") -> JoinInfo:
-        """Register under ``name``; retried while the coordinator is unreachable."""
+    def _diagnose_tls(self) -> str | None:
+        try:
+            return diagnose_tls(self.address, self.security)
+        except Exception as error:  # noqa: BLE001 - a failing probe must not hide the refusal it probes
+            log.debug("TLS diagnosis of %s failed: %r", self.address, error)
+            return None
+
+    def join(self, name: str, partition_index: int = -1, device: str = "", num_examples: int = 0) -> JoinInfo:
+        """Register under ``name``; retried while the coordinator is unreachable. ``num_examples`` > 0 declares
+        the size of this client's own data, which its uploads are then bound to."""
         request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, client_name=name,
-                                 partition_index=partition_index, device=device)
-        reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30, metadata=self.metadata))
+                                 partition_index=partition_index, device=device, num_examples=num_examples)
+        try:
+            reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30, metadata=self.metadata))
+        except grpc.RpcError as error:
+            if error.code() in _JOIN_REFUSALS:
+                raise JoinRefused(f"coordinator at {self.address} refused to register {name!r}: "
+                                  f"{error.details()}") from None
+            raise
         return JoinInfo(reply.client_id, reply.run_config_json, reply.partition_index, reply.num_partitions,
                         reply.partition_fingerprint, reply.run_id, reply.heartbeat_interval_ms / 1000 or 5.0)
 
-    def next_task(self, client_id: str) -> ReceivedTask | WaitHint | RunOver:
+    def next_task(self, client_id: str, expected: ExpectedTensors | None = None) -> ReceivedTask | WaitHint | RunOver:
+        """Long poll for work. With ``expected``, a task is checked as strictly as the coordinator checks
+        uploads: its header before the payload is read, its values once it is whole (InvalidTask)."""
         request = pb.TaskRequest(protocol_version=PROTOCOL_VERSION, client_id=client_id)
         return self._with_retry("fetch task", lambda: self._receive_task(
-            self.stub.GetTask(request, timeout=600, metadata=self.metadata)))
+            self.stub.GetTask(request, timeout=600, metadata=self.metadata), expected))
 
     @staticmethod
-    def _receive_task(stream: Iterator[pb.TaskMessage]) -> ReceivedTask | WaitHint | RunOver:
+    def _receive_task(stream: Iterator[pb.TaskMessage],
+                      expected: ExpectedTensors | None) -> ReceivedTask | WaitHint | RunOver:
         first = next(stream)
         kind = first.WhichOneof("kind")
         if kind == "wait":
@@ -199,16 +272,35 @@ class CoordinatorConnection:
         if kind != "header":
             raise RuntimeError(f"coordinator sent {kind!r} before a task header")
         header = first.header
-        specs = specs_from_proto(header.payload, MAX_DOWNLOAD_BYTES)
+        sender = f"the coordinator (round {header.round})"
+        limit = expected.max_bytes if expected is not None else MAX_DOWNLOAD_BYTES
+        try:
+            specs = parse_specs(header.payload)
+            if expected is not None:              # what is wrong by name first, then sizes and offsets
+                expected.check_specs(specs, sender)
+            check_layout(specs, header.payload.total_bytes, limit)
+        except (CodecError, PayloadRejected) as error:
+            raise InvalidTask(f"task header from {sender} refused: {error}") from None
         assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
-        for message in stream:
-            if message.WhichOneof("kind") == "chunk":
-                assembler.add(message.chunk)
-            elif message.WhichOneof("kind") == "trailer":
-                buffer = assembler.finish(message.trailer)
-                return ReceivedTask(header.round, header.method, header.round_seed,
-                                    decode_tensors(specs, buffer), len(buffer))
-        raise RuntimeError(f"task stream for round {header.round} ended before its trailer")
+        try:
+            for message in stream:
+                if message.WhichOneof("kind") == "chunk":
+                    assembler.add(message.chunk)
+                elif message.WhichOneof("kind") == "trailer":
+                    buffer = assembler.finish(message.trailer)
+                    break
+            else:
+                raise CorruptTask(f"task stream for round {header.round} ended before its trailer "
+                                  f"({assembler.received} of {header.payload.total_bytes} bytes)")
+        except CodecError as error:
+            raise CorruptTask(f"task for round {header.round} arrived damaged: {error}") from None
+        tensors = decode_tensors(specs, buffer)
+        if expected is not None:
+            try:
+                tensors = expected.check_values(tensors, sender)
+            except PayloadRejected as error:
+                raise InvalidTask(str(error)) from None
+        return ReceivedTask(header.round, header.method, header.round_seed, tensors, len(buffer))
 
     def submit(self, client_id: str, round_index: int, num_examples: int, tensors: dict[str, torch.Tensor],
                train_loss: float, train_seconds: float, local_steps: int) -> pb.SubmitReply:
@@ -230,4 +322,5 @@ class CoordinatorConnection:
 def _is_tls_refusal(error: grpc.RpcError) -> bool:
     """A handshake the peer refused (bad or missing certificate) surfaces as UNAVAILABLE; tell it apart."""
     details = (error.details() or "").lower()
-    return any(word in details for word in ("handshake", "ssl", "certificate", "tls", "socket closed"))
+    return any(word in details for word in ("handshake", "ssl", "certificate", "tls", "socket closed",
+                                            "verification check"))

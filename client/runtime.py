@@ -11,14 +11,17 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from client.connection import (ClientSecurity, CoordinatorConnection, JoinInfo, ReceivedTask, RunIsOver, RunOver,
-                               WaitHint)
+from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask, RunIsOver,
+                               RunOver, WaitHint)
 from client.trainer import LocalTrainer
 from common.config import RunConfig
 from common.federated_data import fingerprint, partition_dataset
 from common.tasks import load_task_data
 
 log = logging.getLogger(__name__)
+
+MAX_CORRUPT_FETCHES = 3
+"""Damaged task downloads in a row (digest mismatch, truncation) before the client gives up."""
 
 
 @dataclasses.dataclass
@@ -63,14 +66,19 @@ class ClientSession:
     def __init__(self, connection: CoordinatorConnection, options: ClientOptions) -> None:
         self.connection = connection
         self.options = options
+        self.num_examples = 0          # declared size of own data; 0 while training on a partition
         self.info: JoinInfo = connection.join(options.name, options.partition, options.device)
 
     @property
     def client_id(self) -> str:
         return self.info.client_id
 
-    def rejoin(self) -> None:
-        info = self.connection.join(self.options.name, self.info.partition_index, self.options.device)
+    def rejoin(self, num_examples: int | None = None) -> None:
+        """Join again under the same name (keeping the partition); ``num_examples`` declares own data's size."""
+        if num_examples is not None:
+            self.num_examples = num_examples
+        info = self.connection.join(self.options.name, self.info.partition_index, self.options.device,
+                                    self.num_examples)
         if info.run_id != self.info.run_id:
             raise RunChanged(f"the coordinator now serves run {info.run_id}, not {self.info.run_id}; "
                              f"restart this client to join the new run")
@@ -89,10 +97,24 @@ def run_client(options: ClientOptions) -> int:
                  info.partition_index, info.num_partitions, config.federation.method)
         connection.start_keepalive(lambda: session.client_id, info.heartbeat_interval_s)
         rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
+        if options.data:
+            # Own data: its size is known only now (loading it needs the run's config); declare it, and every
+            # upload of this session is bound to it.
+            session.rejoin(num_examples=len(rows))
         trainer = LocalTrainer(config, rows, num_labels, device=options.device)
+        expected = trainer.expected_task()
+        corrupt_fetches = 0
         while True:
             try:
-                task = connection.next_task(session.client_id)
+                try:
+                    task = connection.next_task(session.client_id, expected)
+                    corrupt_fetches = 0
+                except CorruptTask as damaged:
+                    corrupt_fetches += 1
+                    if corrupt_fetches >= MAX_CORRUPT_FETCHES:
+                        raise
+                    log.warning("%s; fetching it again", damaged)
+                    continue
                 if isinstance(task, RunOver):
                     log.info("run over after %d rounds: %s", task.rounds_completed, task.reason)
                     return 0

@@ -20,6 +20,7 @@ from common.aggregation import get_strategy
 from common.config import RunConfig
 from common.modeling import build_model, compute_loss, encode_batch, get_adapter_state, lora_parameters, set_adapter_state
 from common.regularizer import subspace_regularizer
+from common.validation import ExpectedTensors
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ class LocalTrainer:
         self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
                                                  seed=config.federation.seed, device=device, task=config.data.task)
         self.lora = lora_parameters(self.model)
+
+    def expected_task(self) -> ExpectedTensors:
+        """What a task for this model must hold: every trainable tensor, and for a method with a reference
+        subspace, the basis U (d, r) of each adapted layer (absent before the first aggregation)."""
+        adapter = get_adapter_state(self.model)
+        optional = ({layer + REFERENCE_SUFFIX: tuple(B.shape) for layer, (_A, B) in self.lora.items()}
+                    if self.strategy.uses_regularizer else {})
+        return ExpectedTensors(ExpectedTensors.like(adapter).required, optional)
 
     def _micro_batches(self, generator: torch.Generator) -> Iterator[list[dict]]:
         """One or more shuffled epochs, capped at max_local_steps micro-batches."""

@@ -31,13 +31,6 @@ def specs_to_proto(specs: list[TensorSpec], total_bytes: int) -> pb.PayloadHeade
     )
 
 
-def specs_from_proto(header: pb.PayloadHeader, max_bytes: int) -> list[TensorSpec]:
-    """Parse and validate a payload header; raises CodecError naming the offending tensor."""
-    specs = parse_specs(header)
-    check_layout(specs, header.total_bytes, max_bytes)
-    return specs
-
-
 def parse_specs(header: pb.PayloadHeader) -> list[TensorSpec]:
     """The tensor specs alone (dtype codes resolved), for a receiver that checks them against what it
     expects before it looks at sizes and offsets."""

@@ -151,3 +151,41 @@ def test_client_exits_with_a_clear_message_when_the_coordinator_stays_away():
                             timeout=60)
     assert result.returncode == 3
     assert "unreachable" in result.stderr and "patience 2s" in result.stderr
+
+
+def test_coordinator_kill9_before_the_first_commit_and_resume_keeps_the_same_clients_bit_for_bit(tmp_path, tiny_model_dir):
+    # Killed after "round 1/N: sampled", before anything committed: the run id lives in the run directory
+    # (run.json), so the same four client processes rejoin the resumed run, train round 1 again and finish.
+    config = tiny_run_config(tiny_model_dir, num_clients=4, num_rounds=3, client_fraction=0.5, max_local_steps=30,
+                             save_client_updates=False, heartbeat_timeout_s=10)
+    with Federation(tmp_path / "straight", config) as reference:
+        reference.start_coordinator()
+        reference.wait_address()
+        for i in range(4):
+            reference.start_client(i)
+        assert reference.finish() == 0
+        expected = _final_adapter(reference.run_dir, 3)
+
+    with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        for i in range(4):
+            federation.start_client(i)
+        federation.wait_for(lambda: federation.round_opened(1), 240, "round 1 to be sampled",
+                            watch=federation.coordinator)
+        federation.coordinator.kill()
+        federation.coordinator.wait()
+        assert federation.metrics() == [] and not (federation.run_dir / "checkpoint" / "latest.json").exists()
+        first_pids = {i: p.pid for i, p in federation.clients.items()}
+        federation.start_coordinator("--resume")
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        assert {i: p.pid for i, p in federation.clients.items()} == first_pids      # nobody was restarted
+        assert all(p.returncode == 0 for p in federation.clients.values()), [p.returncode for p in federation.clients.values()]
+        metrics = federation.metrics()
+        assert [m["round"] for m in metrics] == [1, 2, 3] and metrics[0]["attempt"] == 0
+        assert all(not m["dropped"] for m in metrics), [m["dropped"] for m in metrics]
+        assert any("rejoined run" in federation.log(f"client-{i}.log") for i in range(4))
+        actual = _final_adapter(federation.run_dir, 3)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
