@@ -238,11 +238,13 @@ class CoordinatorConnection:
             log.debug("TLS diagnosis of %s failed: %r", self.address, error)
             return None
 
-    def join(self, name: str, partition_index: int = -1, device: str = "", num_examples: int = 0) -> JoinInfo:
+    def join(self, name: str, partition_index: int = -1, device: str = "", num_examples: int = 0,
+             own_data: bool = False) -> JoinInfo:
         """Register under ``name``; retried while the coordinator is unreachable. ``num_examples`` > 0 declares
-        the size of this client's own data, which its uploads are then bound to."""
-        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, client_name=name,
-                                 partition_index=partition_index, device=device, num_examples=num_examples)
+        the size of this client's own data, which its uploads are then bound to; ``own_data`` without it says
+        that size will come with a second join, once the data is loaded."""
+        request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, client_name=name, partition_index=partition_index,
+                                 device=device, num_examples=num_examples, own_data=own_data)
         try:
             reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30, metadata=self.metadata))
         except grpc.RpcError as error:

@@ -67,7 +67,10 @@ class ClientSession:
         self.connection = connection
         self.options = options
         self.num_examples = 0          # declared size of own data; 0 while training on a partition
-        self.info: JoinInfo = connection.join(options.name, options.partition, options.device)
+        # With own data, the first join fetches the run's config (needed to load the data) and marks this
+        # client as declaring: it is neither counted nor sampled until it joins again with its size.
+        self.info: JoinInfo = connection.join(options.name, options.partition, options.device,
+                                              own_data=options.data is not None)
 
     @property
     def client_id(self) -> str:
@@ -78,7 +81,7 @@ class ClientSession:
         if num_examples is not None:
             self.num_examples = num_examples
         info = self.connection.join(self.options.name, self.info.partition_index, self.options.device,
-                                    self.num_examples)
+                                    self.num_examples, own_data=self.options.data is not None)
         if info.run_id != self.info.run_id:
             raise RunChanged(f"the coordinator now serves run {info.run_id}, not {self.info.run_id}; "
                              f"restart this client to join the new run")

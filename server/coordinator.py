@@ -167,16 +167,21 @@ class Coordinator:
 
     # ------------------------------------------------------------------ servicer API
 
-    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0) -> ClientRecord:
+    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0,
+             own_data: bool = False) -> ClientRecord:
         """Register a client. One with its own data declares its size here and is bound to it (at most
         max_examples_per_client); one without is bound to the size of the partition it is given."""
         if declared_examples > self.max_examples_per_client:
             raise BadRequest(f"client {name!r} declares {declared_examples} examples of its own data, above "
                              f"max_examples_per_client={self.max_examples_per_client} (without the key: the largest "
                              f"partition); the coordinator's operator can raise max_examples_per_client")
-        record = self.registry.join(name, requested_partition, device, declared_examples)
-        log.info("client %s joined (partition %d, %d examples%s, %s)", name, record.partition, record.num_examples,
-                 " of its own data" if declared_examples else "", device or "unknown device")
+        record = self.registry.join(name, requested_partition, device, declared_examples, own_data)
+        if record.declaring:
+            log.info("client %s registered (partition %d): loading its own data, to declare its size", name,
+                     record.partition)
+        else:
+            log.info("client %s joined (partition %d, %d examples%s, %s)", name, record.partition,
+                     record.num_examples, " of its own data" if record.own_data else "", device or "unknown device")
         with self._changed:
             self._changed.notify_all()
         return record
@@ -418,8 +423,10 @@ class Coordinator:
             names: dict[str, str] = {}
             for partition in partitions:
                 record = self.registry.for_partition(partition)
-                if record is None:
-                    raise RuntimeError(f"partition {partition} has no client")
+                if record is None:           # its client is still declaring its own data: it cannot train
+                    log.info("round %d: partition %d has no client that can train now; skipped", round_index,
+                             partition)
+                    continue
                 sampled[record.client_id] = partition
                 names[record.client_id] = record.name
             self._round = _Round(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer,

@@ -18,6 +18,7 @@ class ClientRecord:
     device: str
     num_examples: int = 0       # what each upload must claim: its partition's size, or its declared own data
     own_data: bool = False      # trains on data of its own (--data), whose size it declared at join
+    declaring: bool = False     # own data not loaded yet: not counted as joined, never sampled, until it rejoins
     joined_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     keepalive_open: bool = False
@@ -39,9 +40,11 @@ class ClientRegistry:
         self._by_id: dict[str, ClientRecord] = {}
         self._by_name: dict[str, ClientRecord] = {}
 
-    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0) -> ClientRecord:
+    def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0,
+             own_data: bool = False) -> ClientRecord:
         """Register a session; ``declared_examples`` > 0 binds it to the size of its own data (checked by the
-        caller against the run's cap), 0 to the size of the partition it holds."""
+        caller against the run's cap), 0 to the size of the partition it holds, unless ``own_data`` says the
+        size will come with a second join."""
         if not name or len(name) > 128:
             raise BadRequest(f"client_name {name!r} must be 1 to 128 characters")
         with self._lock:
@@ -56,7 +59,8 @@ class ClientRegistry:
                 partition = self._assign_partition(name, requested_partition)
             record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device,
                                   num_examples=declared_examples or self._partition_sizes[partition],
-                                  own_data=declared_examples > 0)
+                                  own_data=own_data or declared_examples > 0,
+                                  declaring=own_data and declared_examples == 0)
             self._by_id[record.client_id] = record
             self._by_name[name] = record
             return record
@@ -113,14 +117,15 @@ class ClientRegistry:
     def for_partition(self, partition: int) -> ClientRecord | None:
         with self._lock:
             for record in self._by_name.values():
-                if record.partition == partition and record.client_id:
+                if record.partition == partition and record.client_id and not record.declaring:
                     return record
         return None
 
     def num_joined(self) -> int:
         """Sessions that joined and whose connection has not been seen to close."""
         with self._lock:
-            return sum(1 for record in self._by_name.values() if record.client_id and not record.keepalive_lost)
+            return sum(1 for record in self._by_name.values()
+                       if record.client_id and not record.keepalive_lost and not record.declaring)
 
     def records(self) -> list[ClientRecord]:
         with self._lock:

@@ -39,7 +39,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             _check_version(request.protocol_version)
             record = self.coordinator.join(request.client_name, request.partition_index, request.device,
-                                           declared_examples=request.num_examples)
+                                           declared_examples=request.num_examples, own_data=request.own_data)
         except CoordinatorError as error:
             _abort(context, error)
         return pb.JoinReply(
