@@ -29,7 +29,7 @@ help:
 	@echo "make report   tables (summary.md, summary.csv) and plots over run directories: RUNS=dir OUT=dir"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
-	@echo "make bench    benchmarks (results go in BENCHMARKS.md)"
+	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, then a 300-round soak (bench.soak)"
 	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
@@ -63,8 +63,9 @@ smoke: proto
 test: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: setup
+bench: proto
 	$(PYTHON) -m bench.math
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak --rounds 300 --clients 4
 
 certs:
 	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)
