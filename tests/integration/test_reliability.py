@@ -96,16 +96,21 @@ def _final_adapter(run_dir, rounds: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapters" / f"round_{rounds:03d}" / "adapter_model.safetensors"))
 
 
+def _uninterrupted_final_adapter(workdir, config: dict, clients: int) -> dict[str, torch.Tensor]:
+    """The reference a resumed run must equal bit for bit: the same config, never interrupted."""
+    with Federation(workdir, config) as reference:
+        reference.start_coordinator()
+        reference.wait_address()
+        for i in range(clients):
+            reference.start_client(i)
+        assert reference.finish() == 0
+        return _final_adapter(reference.run_dir, config["num_rounds"])
+
+
 def test_coordinator_kill9_and_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_model_dir):
     config = tiny_run_config(tiny_model_dir, num_rounds=5, client_fraction=0.6, max_local_steps=6,
                              save_client_updates=False)
-    with Federation(tmp_path / "straight", config) as reference:
-        reference.start_coordinator()
-        reference.wait_address()
-        for i in range(3):
-            reference.start_client(i)
-        assert reference.finish() == 0
-        expected = _final_adapter(reference.run_dir, 5)
+    expected = _uninterrupted_final_adapter(tmp_path / "straight", config, clients=3)
 
     with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
         federation.start_coordinator()
@@ -158,13 +163,7 @@ def test_coordinator_kill9_before_the_first_commit_and_resume_keeps_the_same_cli
     # (run.json), so the same four client processes rejoin the resumed run, train round 1 again and finish.
     config = tiny_run_config(tiny_model_dir, num_clients=4, num_rounds=3, client_fraction=0.5, max_local_steps=30,
                              save_client_updates=False, heartbeat_timeout_s=10)
-    with Federation(tmp_path / "straight", config) as reference:
-        reference.start_coordinator()
-        reference.wait_address()
-        for i in range(4):
-            reference.start_client(i)
-        assert reference.finish() == 0
-        expected = _final_adapter(reference.run_dir, 3)
+    expected = _uninterrupted_final_adapter(tmp_path / "straight", config, clients=4)
 
     with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
         federation.start_coordinator()

@@ -15,6 +15,7 @@ from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto.serde import CHUNK_BYTES, chunks_to_proto, specs_to_proto, trailer_to_proto
 from tests.server.conftest import small_state, start_live_coordinator
+from tests.server.test_bad_input import _assert_untouched
 from tests.server.test_rounds import _lines, _wait_round
 
 
@@ -29,11 +30,6 @@ def _stream(header: pb.UpdateHeader, buffer: bytes):
     for chunk in chunks_to_proto(buffer):
         yield pb.UpdateMessage(chunk=chunk)
     yield pb.UpdateMessage(trailer=trailer_to_proto(buffer))
-
-
-def _untouched(live) -> None:
-    current = live.coordinator._round
-    assert current.index == 1 and current.open and current.updates == {}
 
 
 @pytest.fixture
@@ -56,7 +52,7 @@ def test_an_upload_must_claim_exactly_the_partition_the_coordinator_handed_out(o
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"claims num_examples={claimed}" in raised.value.details()
     assert "holds 10 examples (partition 0, as the coordinator handed it out)" in raised.value.details()
-    _untouched(live)
+    _assert_untouched(live)
     header, buffer = _header(client_id, tensors, num_examples=10)
     assert connection.stub.SubmitUpdate(_stream(header, buffer), timeout=10).accepted
 
@@ -89,7 +85,7 @@ def test_a_huge_declared_upload_is_refused_from_its_header_before_any_payload_by
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'layer.lora_A.weight' has shape [2, 67108864], expected [2, 10]" in raised.value.details()
     assert sent["chunks"] < 64, "the coordinator should refuse the header, not read the payload"
-    _untouched(live)
+    _assert_untouched(live)
 
 
 def test_a_second_concurrent_upload_stream_from_one_client_is_refused(one_client_round):
@@ -112,7 +108,7 @@ def test_a_second_concurrent_upload_stream_from_one_client_is_refused(one_client
             connection.stub.SubmitUpdate(_stream(header, buffer), timeout=10)
         assert raised.value.code() == grpc.StatusCode.ABORTED
         assert "an upload from 'client-0' is already in progress" in raised.value.details()
-        _untouched(live)
+        _assert_untouched(live)
     finally:
         release.set()
         with pytest.raises(grpc.RpcError):                 # the held stream ends without a trailer
