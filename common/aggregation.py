@@ -1,4 +1,4 @@
-"""Server-side aggregation of client LoRA factors (DESIGN §4).
+"""Server-side aggregation of client LoRA factors (docs/DESIGN.md §4).
 
 Per adapted layer, with client weights p_i = n_i / sum_j n_j and s = lora_alpha / r:
 
@@ -12,7 +12,7 @@ rescale: both new factors times g = sqrt(||M||_F / ||s B_g A_g||_F) (M clipped),
          product keeps the clipped target's norm; g = 1 when the target is zero.
 
 Every other trainable tensor (classifier head, ``modules_to_save``) is the p-weighted mean.
-fedavg averages the factors themselves and does not clip (the table in DESIGN §4 clips M only).
+fedavg averages the factors themselves and does not clip (the table in docs/DESIGN.md §4 clips M only).
 
 When the target has fewer than r non-zero singular values (one client of rank < r, every B
 still zero), the missing singular values are zero and U, V are completed with arbitrary

@@ -1,4 +1,4 @@
-"""Alignment diagnostics of one round (DESIGN §5), computed from the LoRA factors.
+"""Alignment diagnostics of one round (docs/DESIGN.md §5), computed from the LoRA factors.
 
 Effective updates dW_i = s B_i A_i (each client's uploaded A and B), weights
 p_i = n_i / sum_j n_j, mean update dW = sum_i p_i dW_i, new global update dW_g = s B_g A_g.
@@ -178,7 +178,7 @@ def _validate(updates: Sequence[ClientUpdate], new_global: AdapterState, scaling
 def alignment_metrics(
     updates: Sequence[ClientUpdate], new_global: AdapterState, scaling: float
 ) -> dict[str, float | None]:
-    """The alignment diagnostics of DESIGN §5 (formulas in the module docstring).
+    """The alignment diagnostics of docs/DESIGN.md §5 (formulas in the module docstring).
 
     Keys are ``METRIC_NAMES``; a value is None where the quantity is undefined (one client for
     the pairwise cosine, zero updates for ratios and cosines, empty bases for overlaps).

@@ -1,4 +1,4 @@
-"""Splitting a dataset's indices over N clients (DESIGN §4: partitioning).
+"""Splitting a dataset's indices over N clients (docs/DESIGN.md §4: partitioning).
 
 - ``dirichlet_partition``: per bucket (a label, or HellaSwag's ``activity_label``), draw client
   shares from Dirichlet(alpha) and split that bucket's shuffled indices accordingly; small

@@ -1,4 +1,4 @@
-"""The Subspace-Reg client regularizer (DESIGN §4), computed from r x r Gram blocks, never the d x k product.
+"""The Subspace-Reg client regularizer (docs/DESIGN.md §4), computed from r x r Gram blocks, never the d x k product.
 
     R = (1/P) sum_l [ mu/2 ||s B A - s B_g A_g||_F^2 + alpha/2 ||B - B_g||_F^2 + lambda/2 (||A||_F^2 + ||B||_F^2) ]
 

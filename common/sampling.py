@@ -1,4 +1,4 @@
-"""Which clients train in a round (DESIGN §4: client sampling).
+"""Which clients train in a round (docs/DESIGN.md §4: client sampling).
 
 The draw depends only on (seed, round index, number of partitions), never on who joined
 first or on any global random state, so a restarted coordinator samples the same clients

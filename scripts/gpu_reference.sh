@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a reference configuration of the study (DESIGN §6) on one GPU machine: the coordinator and
+# Run a reference configuration of the study (docs/DESIGN.md §6) on one GPU machine: the coordinator and
 # one client process per partition (num_clients), spread round-robin over the machine's GPUs.
 #
 #   scripts/gpu_reference.sh configs/roberta_large_hellaswag.yaml

@@ -1,6 +1,6 @@
 """Dense reference implementations: form every d x k product and use full torch.linalg.svd.
 
-Slow and obviously correct: the factored code in common/ must match these (DESIGN §4, §5).
+Slow and obviously correct: the factored code in common/ must match these (docs/DESIGN.md §4, §5).
 Everything here follows the formulas literally; nothing is shared with common/ beyond the
 dataclasses of common.adapter.
 """

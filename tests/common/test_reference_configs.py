@@ -1,4 +1,4 @@
-"""The reference study's configurations (DESIGN §6) load, validate and hold its values."""
+"""The reference study's configurations (docs/DESIGN.md §6) load, validate and hold its values."""
 
 from __future__ import annotations
 
