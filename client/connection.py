@@ -22,7 +22,7 @@ import torch
 from client.tls_check import diagnose_tls, is_loopback, split_target
 from common.codec import CodecError, decode_tensors, encode_tensors
 from common.validation import ExpectedTensors, PayloadRejected
-from proto import PROTOCOL_VERSION
+from proto import AUTHORIZATION_KEY, PROTOCOL_VERSION, bearer
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
@@ -160,7 +160,7 @@ class CoordinatorConnection:
         self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials
                         else grpc.insecure_channel(address, options=options))
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else ()
+        self.metadata = ((AUTHORIZATION_KEY, bearer(security.token)),) if security.token else ()
         self.uses_tls = credentials is not None
         self._keepalive_stop = threading.Event()
         self.run_over_reason: str | None = None   # set by the keep-alive thread when the run ended

@@ -15,16 +15,14 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common.adapter import AdapterState
+from common.adapter import REFERENCE_SUFFIX, AdapterState
 from common.aggregation import get_strategy
 from common.config import RunConfig
-from common.modeling import build_model, compute_loss, encode_batch, get_adapter_state, lora_parameters, set_adapter_state
+from common.modeling import build_model
 from common.regularizer import subspace_regularizer
 from common.validation import ExpectedTensors
 
 log = logging.getLogger(__name__)
-
-REFERENCE_SUFFIX = ".reference_basis"
 
 
 @dataclass(frozen=True)
@@ -46,14 +44,14 @@ class LocalTrainer:
         self.device = device
         self.show_progress = show_progress
         self.strategy = get_strategy(config.federation.method)
-        self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
-                                                 seed=config.federation.seed, device=device, task=config.data.task)
-        self.lora = lora_parameters(self.model)
+        self.built = build_model(config.model, num_labels=num_labels, seed=config.federation.seed, device=device,
+                                 task=config.data.task)
+        self.lora = self.built.lora_parameters()
 
     def expected_task(self) -> ExpectedTensors:
         """What a task for this model must hold: every trainable tensor, and for a method with a reference
         subspace, the basis U (d, r) of each adapted layer (absent before the first aggregation)."""
-        adapter = get_adapter_state(self.model)
+        adapter = self.built.get_adapter_state()
         optional = ({layer + REFERENCE_SUFFIX: tuple(B.shape) for layer, (_A, B) in self.lora.items()}
                     if self.strategy.uses_regularizer else {})
         return ExpectedTensors(ExpectedTensors.like(adapter).required, optional)
@@ -81,17 +79,17 @@ class LocalTrainer:
     def train_round(self, round_index: int, global_tensors: dict[str, torch.Tensor], seed: int) -> LocalResult:
         started = time.time()
         adapter = {k: v for k, v in global_tensors.items() if not k.endswith(REFERENCE_SUFFIX)}
-        set_adapter_state(self.model, adapter)
+        self.built.set_adapter_state(adapter)
         reference = AdapterState.from_state_dict(adapter).lora   # A_g, B_g as stored (constants)
         for A, _B in self.lora.values():
             A.requires_grad_(self.strategy.trains_lora_A)        # fedsvd trains B only
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.built.model.parameters() if p.requires_grad]
         train, fed = self.config.train, self.config.federation
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
 
         torch.manual_seed(seed)                                  # dropout
         generator = torch.Generator().manual_seed(seed)          # shuffling
-        self.model.train()
+        self.built.model.train()
         losses: list[float] = []
         accumulation = train.gradient_accumulation_steps
         total = self._num_micro_batches()
@@ -99,8 +97,8 @@ class LocalTrainer:
                         disable=None if self.show_progress is None else not self.show_progress)  # None: only on a terminal
         optimizer.zero_grad(set_to_none=True)
         for step, rows in enumerate(self._micro_batches(generator), start=1):
-            batch = {k: v.to(self.device) for k, v in encode_batch(self.tokenizer, rows, self.config.data).items()}
-            task_loss, _ = compute_loss(self.model, batch)
+            batch = {k: v.to(self.device) for k, v in self.built.encode_batch(rows, self.config.data).items()}
+            task_loss, _ = self.built.compute_loss(batch)
             loss = task_loss
             if self.strategy.uses_regularizer:
                 loss = loss + subspace_regularizer(self.lora, reference, self.config.model.scaling,
@@ -117,6 +115,6 @@ class LocalTrainer:
         progress.close()
         for A, _B in self.lora.values():
             A.requires_grad_(True)
-        return LocalResult(tensors=get_adapter_state(self.model), num_examples=len(self.rows),
+        return LocalResult(tensors=self.built.get_adapter_state(), num_examples=len(self.rows),
                            train_loss=sum(losses) / max(1, len(losses)), train_seconds=time.time() - started,
                            local_steps=len(losses))

@@ -13,6 +13,9 @@ import torch
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
+REFERENCE_SUFFIX = ".reference_basis"
+"""``<layer>.reference_basis``: the coordinator's basis U (d, r) of a layer's reference subspace, sent with
+the global adapter to clients of a method with a regularizer and kept in checkpoints (docs/DESIGN.md §4.4)."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,6 @@ class AdapterState:
             tensors[layer + LORA_B_SUFFIX] = factors.B
         tensors.update(self.extra)
         return tensors
-
-    def to(self, dtype: torch.dtype) -> "AdapterState":
-        return AdapterState(
-            lora={k: LoraFactors(A=f.A.to(dtype), B=f.B.to(dtype)) for k, f in self.lora.items()},
-            extra={k: v.to(dtype) if v.is_floating_point() else v for k, v in self.extra.items()},
-        )
 
 
 @dataclass(frozen=True)

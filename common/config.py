@@ -303,9 +303,6 @@ class RunConfig:
             flat.update(dataclasses.asdict(getattr(self, section)))
         return flat
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
-        return RunConfig.from_flat({**self.to_flat(), **overrides})
-
     def to_json(self) -> str:
         return json.dumps(self.to_flat(), sort_keys=True)
 

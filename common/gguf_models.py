@@ -30,6 +30,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from common.config import ConfigError
+from common.hf_quiet import quiet_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def is_converted(folder: Path) -> bool:
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """Load a GGUF causal LM with transformers (de-quantized) and save it as a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from common.modeling import quiet_transformers
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)

@@ -21,20 +21,24 @@ when ``train_head`` is set and the model has one, the head (PEFT
     base_model.model.classifier.weight                                         # (C, hidden)
 
 These are exactly the keys of ``peft.get_peft_model_state_dict`` and of the
-``adapter_model.safetensors`` that ``save_adapter`` writes, so checkpoints load
-with ``PeftModel.from_pretrained``.
+``adapter_model.safetensors`` that ``BuiltModel.save_adapter`` writes, so checkpoints
+load with ``PeftModel.from_pretrained``.
+
+``build_model`` returns a ``BuiltModel``: the PEFT model, its tokenizer, the scoring
+and whether the head is exchanged. Its methods get / set / save the adapter state,
+encode batches, compute the loss and evaluate; what they need to know about the
+model is in its fields, never in attributes set on the model or the tokenizer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model
 
 from common.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
 from common.config import AUTO_TARGET_MODULES, ConfigError, DataConfig, ModelConfig
+from common.gguf_models import ensure_smollm2
+from common.hf_quiet import quiet_transformers
 from common.scoring import CONTEXT_KEEPS_END, CONTEXT_KEEPS_START, choice_loss, choice_scores, encode_choices
 
 logger = logging.getLogger(__name__)
@@ -54,7 +60,7 @@ MODEL_ALIASES: dict[str, tuple[str, str, str]] = {
 """Embedded model alias -> (python package, folder inside it, pip name)."""
 
 CONVERTED_ALIASES = ("smollm2",)
-"""Aliases of models converted once into a cache folder (see common.gguf_models)."""
+"""Aliases of models converted once into a cache folder (common.gguf_models.ensure_smollm2)."""
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -85,12 +91,148 @@ _CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _CAUSAL_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "smollm3", "gpt2"}
 _HEAD_MODULE_NAMES = ("classifier", "score")
 
-# build_model records on the model whether the head belongs to the exchanged
-# adapter state, so get/set agree without the config at hand; and, on the model
-# and on its tokenizer, how choices are scored, so encode_batch and compute_loss
-# keep their (tokenizer, rows, cfg) and (model, batch) shapes.
-_HEAD_IN_STATE_ATTR = "fl_head_in_adapter_state"
-_SCORING_ATTR = "fl_scoring"
+
+# --------------------------------------------------------------------------- the built model
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A LoRA-wrapped model as ``build_model`` returns it, with the two facts that using it needs.
+
+    Both are decided once, at build time, from the configuration and the model:
+
+    - ``scoring``: CLASSIFICATION_HEAD, MULTIPLE_CHOICE_HEAD or CAUSAL_LM: how ``encode_batch``
+      encodes rows and how ``compute_loss`` scores them;
+    - ``head_in_state``: whether the head (PEFT ``modules_to_save``, the only trainable tensors
+      besides the LoRA factors) is trained and exchanged: ``ModelConfig.train_head`` and a model
+      that has a head. When False the head is frozen and left out of the adapter state.
+
+    Frozen: the fields never change, the model's parameters do (``set_adapter_state``, training).
+    To score with another PeftModel of the same shape (a reloaded checkpoint), use
+    ``dataclasses.replace(built, model=other)``.
+    """
+
+    model: PeftModel
+    tokenizer: Any
+    scoring: str
+    head_in_state: bool
+
+    # ---- adapter state: the tensors federated training exchanges (see the module docstring)
+
+    def get_adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every exchanged tensor (all LoRA factors, frozen ones too, plus the head when trained) as CPU clones."""
+        return {key: param.detach().to("cpu", copy=True).contiguous()
+                for key, param in _adapter_parameters(self.model, self.head_in_state).items()}
+
+    def set_adapter_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the live parameters; keys and shapes must match get_adapter_state exactly."""
+        params = _adapter_parameters(self.model, self.head_in_state)
+        missing = [k for k in params if k not in tensors]
+        unexpected = [k for k in tensors if k not in params]
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        mismatched = [f"{k}: got {tuple(tensors[k].shape)}, model has {tuple(p.shape)}"
+                      for k, p in params.items() if k in tensors and tensors[k].shape != p.shape]
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:3])}")
+        if problems:
+            raise ValueError("adapter state does not fit the model (same model_name, lora_rank, target_modules "
+                             "and num_labels on both sides?): " + "; ".join(problems))
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+
+    def lora_parameters(self) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        """Layer name (key minus '.lora_A.weight', as AdapterState.lora) -> (A (r, k), B (d, r)) live parameters."""
+        params = _adapter_parameters(self.model, self.head_in_state)
+        layers = sorted(k[: -len(LORA_A_SUFFIX)] for k in params if k.endswith(LORA_A_SUFFIX))
+        return {layer: (params[layer + LORA_A_SUFFIX], params[layer + LORA_B_SUFFIX]) for layer in layers}
+
+    def save_adapter(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+        """Load ``tensors`` into the model and write PEFT's format (adapter_model.safetensors +
+        adapter_config.json) to ``directory``; a reader never sees a half-written folder."""
+        self.set_adapter_state(tensors)
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = directory.parent / f".{directory.name}.tmp-{tag}"
+        try:
+            with quiet_transformers():
+                self.model.save_pretrained(str(tmp))
+            if directory.exists():
+                # rename() cannot replace a non-empty directory: move the old one aside first.
+                old = directory.parent / f".{directory.name}.old-{tag}"
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- batches, loss, evaluation
+
+    def encode_batch(self, rows: list[dict], data_cfg: DataConfig) -> dict[str, torch.Tensor]:
+        """Tokenize rows (truncated to max_length, padded to the longest in the batch) plus ``labels`` (B,).
+
+        classification head: input_ids (B, L); multiple-choice head: every (context, ending) pair,
+        (B, C, L); causal LM: (B, C, L) left-padded with a ``choice_mask`` (see common.scoring).
+        """
+        labels = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)  # (B,)
+        if self.scoring == CAUSAL_LM:
+            contexts, choices = _contexts_and_choices(rows, data_cfg)
+            keep = CONTEXT_KEEPS_END if data_cfg.task == TASK_MULTIPLE_CHOICE else CONTEXT_KEEPS_START
+            batch = encode_choices(self.tokenizer, contexts, choices, data_cfg.max_length, keep)
+        elif data_cfg.task == TASK_MULTIPLE_CHOICE:
+            batch = _encode_choice_pairs(self.tokenizer, rows, data_cfg)
+        else:
+            encoded = self.tokenizer([row["text"] for row in rows], truncation=True,
+                                     max_length=data_cfg.max_length, padding=True, return_tensors="pt")
+            batch = dict(encoded)
+        batch["labels"] = labels
+        return batch
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over the choices, logits (B, C)); the batch is moved to the model's device.
+
+        For a causal LM the logits are the length-normalized log-likelihoods of the choices.
+        """
+        device = _model_device(self.model)
+        labels = batch["labels"].to(device)                                   # (B,)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        if self.scoring == CAUSAL_LM:
+            if "choice_mask" not in inputs:
+                raise ValueError("this batch was not encoded for a causal LM: encode it with BuiltModel.encode_batch")
+            scores = choice_scores(self.model, inputs)                        # (B, C)
+            return choice_loss(scores, labels), scores
+        logits = self.model(**inputs).logits                                  # (B, C)
+        # Our own cross-entropy (in fp32): the model's built-in loss guesses regression for num_labels == 1
+        # and runs in the model's dtype.
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, logits
+
+    def evaluate(self, rows: list[dict], data_cfg: DataConfig, batch_size: int = 64) -> dict[str, float]:
+        """Accuracy and mean loss over ``rows``; eval mode and no grad, then the previous mode again."""
+        if not rows:
+            raise ValueError("evaluate got no rows: the eval set is empty; check max_eval_samples / eval_fraction")
+        was_training = self.model.training
+        self.model.eval()
+        total_loss, correct = 0.0, 0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start:start + batch_size]
+                    batch = self.encode_batch(chunk, data_cfg)
+                    loss, logits = self.compute_loss(batch)
+                    total_loss += loss.item() * len(chunk)
+                    correct += (logits.argmax(dim=-1).cpu() == batch["labels"]).sum().item()
+        finally:
+            self.model.train(was_training)
+        return {"accuracy": correct / len(rows), "loss": total_loss / len(rows), "num_examples": len(rows)}
 
 
 # --------------------------------------------------------------------------- loading
@@ -100,8 +242,6 @@ def resolve_model_path(model_name: str) -> str:
     """An alias -> its folder ('minilm' from its package, 'smollm2' converted once into the cache);
     an existing local path -> absolute; anything else: a hub id."""
     if model_name in CONVERTED_ALIASES:
-        from common.gguf_models import ensure_smollm2
-
         return str(ensure_smollm2())
     if model_name in MODEL_ALIASES:
         module, sub, pip_name = MODEL_ALIASES[model_name]
@@ -127,13 +267,13 @@ def default_device() -> str:
 
 
 def build_model(model_cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu",
-                task: str = TASK_CLASSIFICATION) -> tuple[PeftModel, Any]:
-    """The base model for ``task`` (``DataConfig.task``) wrapped with LoRA; returns (peft model, tokenizer).
+                task: str = TASK_CLASSIFICATION) -> BuiltModel:
+    """The base model for ``task`` (``DataConfig.task``) wrapped with LoRA, with its tokenizer and scoring.
 
     ``num_labels`` is the number of classes, or of endings for multiple choice.
     The same (model_cfg, num_labels, seed, task) gives the same head and LoRA
     initialisation in every process. The model comes back in eval mode, as
-    ``from_pretrained`` leaves it; call ``model.train()`` before training.
+    ``from_pretrained`` leaves it; call ``built.model.train()`` before training.
     """
     if num_labels < 2:
         raise ValueError(f"num_labels={num_labels}: a task needs at least 2 labels or choices")
@@ -171,16 +311,15 @@ def build_model(model_cfg: ModelConfig, num_labels: int, seed: int, device: str 
         for name, param in model.named_parameters():
             if ".modules_to_save." in name:
                 param.requires_grad_(False)
-    setattr(model, _HEAD_IN_STATE_ATTR, model_cfg.train_head and scoring != CAUSAL_LM)
-    setattr(model, _SCORING_ATTR, scoring)
-    setattr(tokenizer, _SCORING_ATTR, scoring)
     if quantization is None:
         model.to(device)
     model.eval()  # one documented starting mode, whatever the transformers version leaves
+    built = BuiltModel(model=model, tokenizer=tokenizer, scoring=scoring,
+                       head_in_state=model_cfg.train_head and scoring != CAUSAL_LM)
     logger.info("built %s (%s, targets %s): %d LoRA layers, %d trainable parameters", model_cfg.model_name,
-                scoring, ",".join(targets), len(lora_parameters(model)),
+                scoring, ",".join(targets), len(built.lora_parameters()),
                 sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return model, tokenizer
+    return built
 
 
 def _load_base(model_cfg: ModelConfig, path: str, scoring: str, num_labels: int, dtype: torch.dtype,
@@ -303,24 +442,7 @@ def _enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No load reports or progress bars from every client; restores the caller's settings."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------- adapter state
+# --------------------------------------------------------------------------- adapter state helpers
 
 
 def _adapter_name(model: PeftModel) -> str:
@@ -332,8 +454,8 @@ def _state_key(param_name: str, adapter: str) -> str:
     return param_name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
-def _adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
-    """Exchanged state key -> live parameter; keys in PEFT's state-dict order."""
+def _adapter_parameters(model: PeftModel, include_head: bool) -> dict[str, torch.nn.Parameter]:
+    """Exchanged state key -> live parameter; keys in PEFT's state-dict order; the head's only with include_head."""
     adapter = _adapter_name(model)
     peft_keys = list(get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False))
     by_key: dict[str, torch.nn.Parameter] = {}
@@ -345,7 +467,6 @@ def _adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     unmatched = [k for k in peft_keys if k not in by_key]
     if unmatched:
         raise RuntimeError(f"PEFT state keys without a live parameter: {unmatched[:5]}")
-    include_head = getattr(model, _HEAD_IN_STATE_ATTR, True)
     return {k: by_key[k] for k in peft_keys if include_head or _is_lora_key(k)}
 
 
@@ -353,89 +474,7 @@ def _is_lora_key(key: str) -> bool:
     return key.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))
 
 
-def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """Every exchanged tensor (all LoRA factors, frozen ones too, plus the head when trained) as CPU clones."""
-    return {key: param.detach().to("cpu", copy=True).contiguous()
-            for key, param in _adapter_parameters(model).items()}
-
-
-def set_adapter_state(model: PeftModel, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy ``tensors`` into the live parameters; keys and shapes must match get_adapter_state exactly."""
-    params = _adapter_parameters(model)
-    missing = [k for k in params if k not in tensors]
-    unexpected = [k for k in tensors if k not in params]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
-    mismatched = [f"{k}: got {tuple(tensors[k].shape)}, model has {tuple(p.shape)}"
-                  for k, p in params.items() if k in tensors and tensors[k].shape != p.shape]
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:3])}")
-    if problems:
-        raise ValueError("adapter state does not fit the model (same model_name, lora_rank, target_modules "
-                         "and num_labels on both sides?): " + "; ".join(problems))
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
-
-
-def lora_parameters(model: PeftModel) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
-    """Layer name (key minus '.lora_A.weight', as AdapterState.lora) -> (A (r, k), B (d, r)) live parameters."""
-    params = _adapter_parameters(model)
-    layers = sorted(k[: -len(LORA_A_SUFFIX)] for k in params if k.endswith(LORA_A_SUFFIX))
-    return {layer: (params[layer + LORA_A_SUFFIX], params[layer + LORA_B_SUFFIX]) for layer in layers}
-
-
-def save_adapter(model: PeftModel, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
-    """Load ``tensors`` into the model and write PEFT's format (adapter_model.safetensors +
-    adapter_config.json) to ``directory``; a reader never sees a half-written folder."""
-    set_adapter_state(model, tensors)
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = directory.parent / f".{directory.name}.tmp-{tag}"
-    try:
-        with quiet_transformers():
-            model.save_pretrained(str(tmp))
-        if directory.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = directory.parent / f".{directory.name}.old-{tag}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- batches, loss, evaluation
-
-
-def encode_batch(tokenizer: Any, rows: list[dict], data_cfg: DataConfig) -> dict[str, torch.Tensor]:
-    """Tokenize rows for the model ``tokenizer`` came with (truncated to max_length, padded to the longest
-    in the batch) plus ``labels`` (B,).
-
-    classification head: input_ids (B, L); multiple-choice head: every (context, ending) pair,
-    (B, C, L); causal LM: (B, C, L) left-padded with a ``choice_mask`` (see common.scoring).
-    """
-    scoring = getattr(tokenizer, _SCORING_ATTR, None)
-    labels = torch.tensor([int(row["label"]) for row in rows], dtype=torch.long)  # (B,)
-    if scoring == CAUSAL_LM:
-        contexts, choices = _contexts_and_choices(rows, data_cfg)
-        keep = CONTEXT_KEEPS_END if data_cfg.task == TASK_MULTIPLE_CHOICE else CONTEXT_KEEPS_START
-        batch = encode_choices(tokenizer, contexts, choices, data_cfg.max_length, keep)
-    elif data_cfg.task == TASK_MULTIPLE_CHOICE:
-        batch = _encode_choice_pairs(tokenizer, rows, data_cfg)
-    else:
-        encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=data_cfg.max_length,
-                            padding=True, return_tensors="pt")
-        batch = dict(encoded)
-    batch["labels"] = labels
-    return batch
+# --------------------------------------------------------------------------- batch helpers
 
 
 def _contexts_and_choices(rows: list[dict], data_cfg: DataConfig) -> tuple[list[str], list[list[str]]]:
@@ -462,44 +501,3 @@ def _encode_choice_pairs(tokenizer: Any, rows: list[dict], data_cfg: DataConfig)
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def compute_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy over the choices, logits (B, C)); the batch is moved to the model's device.
-
-    For a causal LM the logits are the length-normalized log-likelihoods of the choices.
-    """
-    device = _model_device(model)
-    labels = batch["labels"].to(device)                                   # (B,)
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    if getattr(model, _SCORING_ATTR, None) == CAUSAL_LM:
-        if "choice_mask" not in inputs:
-            raise ValueError("this batch was not encoded for a causal LM: use the tokenizer build_model returned")
-        scores = choice_scores(model, inputs)                             # (B, C)
-        return choice_loss(scores, labels), scores
-    logits = model(**inputs).logits                                      # (B, C)
-    # Our own cross-entropy (in fp32): the model's built-in loss guesses regression for num_labels == 1
-    # and runs in the model's dtype.
-    loss = F.cross_entropy(logits.float(), labels)
-    return loss, logits
-
-
-def evaluate(model: PeftModel, tokenizer: Any, rows: list[dict], data_cfg: DataConfig,
-             batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and mean loss over ``rows``; eval mode and no grad, then the previous mode again."""
-    if not rows:
-        raise ValueError("evaluate got no rows: the eval set is empty; check max_eval_samples / eval_fraction")
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                batch = encode_batch(tokenizer, chunk, data_cfg)
-                loss, logits = compute_loss(model, batch)
-                total_loss += loss.item() * len(chunk)
-                correct += (logits.argmax(dim=-1).cpu() == batch["labels"]).sum().item()
-    finally:
-        model.train(was_training)
-    return {"accuracy": correct / len(rows), "loss": total_loss / len(rows), "num_examples": len(rows)}

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from common.modeling import quiet_transformers, resolve_model_path
+from common.hf_quiet import quiet_transformers
+from common.modeling import resolve_model_path
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,16 @@ from pathlib import Path
 PROTOCOL_VERSION = 1
 """Bumped on every incompatible change of federation.proto."""
 
+AUTHORIZATION_KEY = "authorization"
+"""The gRPC metadata key of the shared token: the client sends ``bearer(token)`` under it on every call
+(client/connection.py), the coordinator's TokenInterceptor checks it (server/security.py). Lower case:
+gRPC metadata keys must be."""
+
+
+def bearer(token: str) -> str:
+    """The value sent under AUTHORIZATION_KEY: ``Bearer <token>``."""
+    return f"Bearer {token}"
+
 _HERE = Path(__file__).resolve().parent
 _PROTO = _HERE / "federation.proto"
 _GENERATED = (_HERE / "federation_pb2.py", _HERE / "federation_pb2_grpc.py")

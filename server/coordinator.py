@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate
+from common.adapter import REFERENCE_SUFFIX, AdapterState, ClientUpdate
 from common.aggregation import AggregationSettings, get_strategy
 from common.clipping import clip_update
 from common.codec import TensorSpec, encode_tensors
@@ -40,8 +40,6 @@ from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
 
 log = logging.getLogger(__name__)
-
-REFERENCE_SUFFIX = ".reference_basis"
 
 
 class RunStopped(Exception):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from common.config import RunConfig
-from common.modeling import build_model, default_device, evaluate, get_adapter_state, save_adapter, set_adapter_state
+from common.modeling import build_model, default_device
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +20,16 @@ class ServerModel:
         device = device or default_device()  # a GPU when the coordinator's host has one (4-bit models need it)
         log.info("loading model %s for server-side evaluation on %s", config.model.model_name, device)
         # The run seed fixes the initial LoRA A and head: every client starts from this state.
-        self.model, self.tokenizer = build_model(config.model, num_labels=num_labels,
-                                                 seed=config.federation.seed, device=device, task=config.data.task)
+        self.built = build_model(config.model, num_labels=num_labels, seed=config.federation.seed, device=device,
+                                 task=config.data.task)
 
     def initial_state(self) -> dict[str, torch.Tensor]:
-        return get_adapter_state(self.model)
+        return self.built.get_adapter_state()
 
     def evaluate(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        set_adapter_state(self.model, tensors)
-        return evaluate(self.model, self.tokenizer, self.eval_rows, self.config.data,
-                        batch_size=max(32, self.config.train.per_device_train_batch_size))
+        self.built.set_adapter_state(tensors)
+        return self.built.evaluate(self.eval_rows, self.config.data,
+                                   batch_size=max(32, self.config.train.per_device_train_batch_size))
 
     def save(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
-        save_adapter(self.model, tensors, directory)
+        self.built.save_adapter(tensors, directory)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import grpc
 
-TOKEN_METADATA_KEY = "authorization"
+from proto import AUTHORIZATION_KEY, bearer
+
 _OPEN_METHODS = ("/grpc.health.v1.Health/",)   # probes (Docker HEALTHCHECK) need no token
 
 
@@ -50,12 +51,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
     """Every call but health checks must carry ``authorization: Bearer <token>``; others get UNAUTHENTICATED."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = bearer(token).encode()
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(_OPEN_METHODS):
             return continuation(handler_call_details)
-        presented = dict(handler_call_details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
+        presented = dict(handler_call_details.invocation_metadata or ()).get(AUTHORIZATION_KEY, "")
         if hmac.compare_digest(presented.encode(), self._expected):
             return continuation(handler_call_details)
         message = ("missing or wrong token: start the client with the coordinator's token "

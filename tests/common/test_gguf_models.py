@@ -69,21 +69,21 @@ def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
 def test_real_smollm2_converts_loads_and_takes_one_training_step() -> None:
     """Converts into the real cache the first time (about a minute), then loads in seconds."""
     from common.config import DataConfig, ModelConfig
-    from common.modeling import build_model, compute_loss, encode_batch, lora_parameters
+    from common.modeling import build_model
     from tests.common.hellaswag_factory import hellaswag_rows
     from common.tasks import hellaswag_context
 
-    model, tokenizer = build_model(ModelConfig(model_name="smollm2", lora_rank=4), 4, seed=0, task="multiple_choice")
-    assert model.get_base_model().config.model_type == "llama"
-    assert len(lora_parameters(model)) == 30 * 7                          # 30 layers x q/k/v/o/gate/up/down
+    built = build_model(ModelConfig(model_name="smollm2", lora_rank=4), 4, seed=0, task="multiple_choice")
+    assert built.model.get_base_model().config.model_type == "llama"
+    assert len(built.lora_parameters()) == 30 * 7                          # 30 layers x q/k/v/o/gate/up/down
     source = hellaswag_rows(1)[0]
     row = {"context": hellaswag_context(source["ctx_a"], source["ctx_b"]), "endings": source["endings"],
            "label": int(source["label"])}
-    batch = encode_batch(tokenizer, [row], DataConfig(task="multiple_choice", max_length=32))
-    params = [p for p in model.parameters() if p.requires_grad]
+    batch = built.encode_batch([row], DataConfig(task="multiple_choice", max_length=32))
+    params = [p for p in built.model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    model.train()
-    loss, scores = compute_loss(model, batch)
+    built.model.train()
+    loss, scores = built.compute_loss(batch)
     loss.backward()
     torch.optim.AdamW(params, lr=1e-3).step()
     assert scores.shape == (1, 4) and math.isfinite(loss.item())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub from tests
@@ -13,18 +14,7 @@ import torch
 
 from common.adapter import AdapterState
 from common.config import ConfigError, DataConfig, ModelConfig
-from common.modeling import (
-    build_model,
-    compute_loss,
-    encode_batch,
-    evaluate,
-    get_adapter_state,
-    lora_parameters,
-    resolve_model_path,
-    resolve_target_modules,
-    save_adapter,
-    set_adapter_state,
-)
+from common.modeling import build_model, resolve_model_path, resolve_target_modules
 from common.tiny_models import create_tiny_bert, create_tiny_llama, create_tiny_roberta
 
 NUM_LABELS = 3
@@ -56,9 +46,9 @@ def tiny(tiny_path: str):
 
 
 def test_build_is_deterministic_for_a_seed(tiny_path: str) -> None:
-    first = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=1)[0])
-    second = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=1)[0])
-    other = get_adapter_state(build_model(model_cfg(tiny_path), NUM_LABELS, seed=2)[0])
+    first = build_model(model_cfg(tiny_path), NUM_LABELS, seed=1).get_adapter_state()
+    second = build_model(model_cfg(tiny_path), NUM_LABELS, seed=1).get_adapter_state()
+    other = build_model(model_cfg(tiny_path), NUM_LABELS, seed=2).get_adapter_state()
     assert first.keys() == second.keys() == other.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     a_key = next(k for k in first if k.endswith(".lora_A.weight"))
@@ -66,8 +56,7 @@ def test_build_is_deterministic_for_a_seed(tiny_path: str) -> None:
 
 
 def test_adapter_state_keys_are_peft_keys_without_adapter_name(tiny) -> None:
-    model, _ = tiny
-    state = get_adapter_state(model)
+    state = tiny.get_adapter_state()
     assert HEAD_KEYS <= state.keys()
     assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in state
     assert not any(".default." in k or "modules_to_save" in k for k in state)
@@ -78,36 +67,32 @@ def test_adapter_state_keys_are_peft_keys_without_adapter_name(tiny) -> None:
 
 
 def test_get_returns_clones(tiny) -> None:
-    model, _ = tiny
-    state = get_adapter_state(model)
+    state = tiny.get_adapter_state()
     for tensor in state.values():
         tensor.add_(1.0)
-    fresh = get_adapter_state(model)
+    fresh = tiny.get_adapter_state()
     assert not any(torch.equal(state[k], fresh[k]) for k in state)
 
 
 def test_set_then_get_round_trips_exactly(tiny) -> None:
-    model, _ = tiny
-    target = perturbed(get_adapter_state(model), seed=3)
-    set_adapter_state(model, target)
-    back = get_adapter_state(model)
+    target = perturbed(tiny.get_adapter_state(), seed=3)
+    tiny.set_adapter_state(target)
+    back = tiny.get_adapter_state()
     assert back.keys() == target.keys()
     assert all(torch.equal(back[k], target[k]) for k in target)
 
 
 def test_set_casts_to_the_parameter_dtype(tiny) -> None:
-    model, _ = tiny
-    target = {k: v.double() for k, v in perturbed(get_adapter_state(model), seed=4).items()}
-    set_adapter_state(model, target)
-    back = get_adapter_state(model)
+    target = {k: v.double() for k, v in perturbed(tiny.get_adapter_state(), seed=4).items()}
+    tiny.set_adapter_state(target)
+    back = tiny.get_adapter_state()
     assert all(v.dtype == torch.float32 for v in back.values())
     assert all(torch.equal(back[k], target[k].float()) for k in target)
 
 
 @pytest.mark.parametrize("breakage", ["missing", "unexpected", "shape"])
 def test_set_is_strict(tiny, breakage: str) -> None:
-    model, _ = tiny
-    state = get_adapter_state(model)
+    state = tiny.get_adapter_state()
     key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
     if breakage == "missing":
         del state[key]
@@ -117,7 +102,7 @@ def test_set_is_strict(tiny, breakage: str) -> None:
     else:
         state[key] = torch.zeros(32, 5)
     with pytest.raises(ValueError) as info:
-        set_adapter_state(model, state)
+        tiny.set_adapter_state(state)
     message = str(info.value)
     assert key in message
     assert {"missing": "missing key", "unexpected": "unexpected key", "shape": "got (32, 5), model has (32, 4)"}[
@@ -125,9 +110,8 @@ def test_set_is_strict(tiny, breakage: str) -> None:
 
 
 def test_lora_parameters_line_up_with_adapter_state(tiny) -> None:
-    model, _ = tiny
-    params = lora_parameters(model)
-    adapter = AdapterState.from_state_dict(get_adapter_state(model))
+    params = tiny.lora_parameters()
+    adapter = AdapterState.from_state_dict(tiny.get_adapter_state())
     assert list(params) == list(adapter.lora)
     # query, value, attention.output.dense, intermediate.dense, output.dense per layer, plus the pooler
     assert len(params) == 2 * 5 + 1
@@ -138,71 +122,67 @@ def test_lora_parameters_line_up_with_adapter_state(tiny) -> None:
     layer, (a, _) = next(iter(params.items()))
     with torch.no_grad():
         a.fill_(0.25)
-    assert torch.all(get_adapter_state(model)[layer + ".lora_A.weight"] == 0.25)
+    assert torch.all(tiny.get_adapter_state()[layer + ".lora_A.weight"] == 0.25)
 
 
 def test_frozen_a_stays_in_the_exchanged_state(tiny) -> None:
-    model, _ = tiny
-    before = set(get_adapter_state(model))
-    for a, _ in lora_parameters(model).values():
+    before = set(tiny.get_adapter_state())
+    for a, _ in tiny.lora_parameters().values():
         a.requires_grad_(False)  # as fedsvd does
-    assert set(get_adapter_state(model)) == before
+    assert set(tiny.get_adapter_state()) == before
 
 
 def test_untrained_head_is_frozen_and_not_exchanged(tiny_path: str) -> None:
-    model, _ = build_model(model_cfg(tiny_path, train_head=False), NUM_LABELS, seed=0)
-    state = get_adapter_state(model)
+    built = build_model(model_cfg(tiny_path, train_head=False), NUM_LABELS, seed=0)
+    state = built.get_adapter_state()
     assert not HEAD_KEYS & state.keys()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
-    set_adapter_state(model, state)
+    built.set_adapter_state(state)
 
 
 def test_loss_backward_reaches_lora_and_head_only(tiny) -> None:
-    model, tokenizer = tiny
-    set_adapter_state(model, perturbed(get_adapter_state(model), seed=5))
-    model.train()
-    loss, logits = compute_loss(model, encode_batch(tokenizer, ROWS[:4], DATA_CFG))
+    tiny.set_adapter_state(perturbed(tiny.get_adapter_state(), seed=5))
+    tiny.model.train()
+    loss, logits = tiny.compute_loss(tiny.encode_batch(ROWS[:4], DATA_CFG))
     assert logits.shape == (4, NUM_LABELS) and loss.ndim == 0
     loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    expected = {n for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+    with_grad = {n for n, p in tiny.model.named_parameters() if p.grad is not None}
+    expected = {n for n, p in tiny.model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
     assert with_grad == expected
-    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in expected)
+    assert all(p.grad.abs().sum() > 0 for n, p in tiny.model.named_parameters() if n in expected)
 
 
 def test_gradient_checkpointing_and_bfloat16_build_and_train(tiny_path: str) -> None:
     for overrides in ({"gradient_checkpointing": True}, {"dtype": "bfloat16"}):
-        model, tokenizer = build_model(model_cfg(tiny_path, **overrides), NUM_LABELS, seed=0)
-        model.train()
-        loss, _ = compute_loss(model, encode_batch(tokenizer, ROWS[:2], DATA_CFG))
+        built = build_model(model_cfg(tiny_path, **overrides), NUM_LABELS, seed=0)
+        built.model.train()
+        loss, _ = built.compute_loss(built.encode_batch(ROWS[:2], DATA_CFG))
         loss.backward()
         assert math.isfinite(loss.item())
-        assert any(p.grad is not None for p, _ in lora_parameters(model).values())
+        assert any(p.grad is not None for p, _ in built.lora_parameters().values())
 
 
 def test_encode_batch_truncates_and_pads_dynamically(tiny) -> None:
-    _, tokenizer = tiny
     rows = [{"text": "short", "label": 0}, {"text": "long " * 100, "label": 2}]
-    batch = encode_batch(tokenizer, rows, DATA_CFG)
+    batch = tiny.encode_batch(rows, DATA_CFG)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 16)
     assert batch["labels"].tolist() == [0, 2]
-    short = encode_batch(tokenizer, rows[:1], DATA_CFG)
+    short = tiny.encode_batch(rows[:1], DATA_CFG)
     assert short["input_ids"].shape[1] < 16
 
 
 def test_evaluate_is_sane_and_restores_the_mode(tiny) -> None:
-    model, tokenizer = tiny
     for mode in (True, False):
-        model.train(mode)
-        metrics = evaluate(model, tokenizer, ROWS, DATA_CFG, batch_size=4)
-        assert model.training is mode
+        tiny.model.train(mode)
+        metrics = tiny.evaluate(ROWS, DATA_CFG, batch_size=4)
+        assert tiny.model.training is mode
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_examples"] == len(ROWS)
     assert 0.0 < metrics["loss"] < 10.0
     # the mean over batches of 4, 4, 2 equals the loss of one batch of all rows
     with torch.no_grad():
-        loss, logits = compute_loss(model, encode_batch(tokenizer, ROWS, DATA_CFG))
+        loss, logits = tiny.compute_loss(tiny.encode_batch(ROWS, DATA_CFG))
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
     labels = torch.tensor([r["label"] for r in ROWS])
     assert metrics["accuracy"] == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
@@ -212,22 +192,21 @@ def test_save_adapter_loads_with_peft_and_gives_identical_logits(tiny, tiny_path
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    model, tokenizer = tiny
-    target = perturbed(get_adapter_state(model), seed=6)
+    target = perturbed(tiny.get_adapter_state(), seed=6)
     out = tmp_path / "round_3" / "adapter"
-    save_adapter(model, get_adapter_state(model), out)  # an existing folder is replaced
-    save_adapter(model, target, out)
+    tiny.save_adapter(tiny.get_adapter_state(), out)  # an existing folder is replaced
+    tiny.save_adapter(target, out)
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temp folders left behind
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_path, num_labels=NUM_LABELS)
     loaded = PeftModel.from_pretrained(base, str(out))
     loaded.eval()
-    model.eval()
-    batch = encode_batch(tokenizer, ROWS, DATA_CFG)
+    tiny.model.eval()
+    batch = tiny.encode_batch(ROWS, DATA_CFG)
     with torch.no_grad():
-        _, ours = compute_loss(model, batch)
-        _, theirs = compute_loss(loaded, batch)
+        _, ours = tiny.compute_loss(batch)
+        _, theirs = replace(tiny, model=loaded).compute_loss(batch)
     assert torch.equal(ours, theirs)
 
 
@@ -247,9 +226,9 @@ def test_an_unknown_family_with_auto_targets_names_the_family_and_the_fix() -> N
 
 
 def test_auto_targets_on_bert_match_the_explicit_list(tiny_path: str) -> None:
-    auto = get_adapter_state(build_model(model_cfg(tiny_path, target_modules=["auto"]), NUM_LABELS, seed=0)[0])
-    explicit = get_adapter_state(build_model(model_cfg(tiny_path, target_modules=["query", "key", "value", "dense"]),
-                                             NUM_LABELS, seed=0)[0])
+    auto = build_model(model_cfg(tiny_path, target_modules=["auto"]), NUM_LABELS, seed=0).get_adapter_state()
+    explicit = build_model(model_cfg(tiny_path, target_modules=["query", "key", "value", "dense"]),
+                           NUM_LABELS, seed=0).get_adapter_state()
     assert auto.keys() == explicit.keys()
 
 
@@ -274,68 +253,65 @@ def llama_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_multiple_choice_head_encodes_pairs_and_trains_lora_and_head(roberta_path: str) -> None:
-    model, tokenizer = build_model(model_cfg(roberta_path, target_modules=["auto"]), 4, seed=0,
-                                   task="multiple_choice")
-    state = get_adapter_state(model)
+    built = build_model(model_cfg(roberta_path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
+    state = built.get_adapter_state()
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= state.keys()
     assert "base_model.model.roberta.encoder.layer.0.attention.self.key.lora_A.weight" in state
-    batch = encode_batch(tokenizer, MC_ROWS[:3], MC_CFG)
+    batch = built.encode_batch(MC_ROWS[:3], MC_CFG)
     assert batch["input_ids"].shape[:2] == (3, 4) and batch["input_ids"].shape[2] <= 24
-    set_adapter_state(model, perturbed(state, seed=1))
-    model.train()
-    loss, logits = compute_loss(model, batch)
+    built.set_adapter_state(perturbed(state, seed=1))
+    built.model.train()
+    loss, logits = built.compute_loss(batch)
     assert logits.shape == (3, 4)
     loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {n for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
+    with_grad = {n for n, p in built.model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in built.model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
 
 
 def test_causal_lm_is_lora_only_with_auto_llama_targets(llama_path: str) -> None:
-    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0,
-                                   task="multiple_choice")
-    state = get_adapter_state(model)
+    built = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
+    state = built.get_adapter_state()
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
     layers = AdapterState.from_state_dict(state).lora
     assert len(layers) == 2 * 7                                           # 2 layers x q/k/v/o/gate/up/down
     assert "base_model.model.model.layers.1.mlp.down_proj" in layers
-    assert tokenizer.pad_token_id is not None
+    assert built.tokenizer.pad_token_id is not None
 
 
 def test_causal_multiple_choice_scores_and_trains(llama_path: str) -> None:
-    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0,
-                                   task="multiple_choice")
-    batch = encode_batch(tokenizer, MC_ROWS[:3], MC_CFG)
+    built = build_model(model_cfg(llama_path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
+    batch = built.encode_batch(MC_ROWS[:3], MC_CFG)
     assert set(batch) == {"input_ids", "attention_mask", "choice_mask", "labels"}
     assert batch["input_ids"].shape[:2] == (3, 4) and batch["input_ids"].shape[2] <= 24
-    set_adapter_state(model, perturbed(get_adapter_state(model), seed=2))
-    model.train()
-    loss, scores = compute_loss(model, batch)
+    built.set_adapter_state(perturbed(built.get_adapter_state(), seed=2))
+    built.model.train()
+    loss, scores = built.compute_loss(batch)
     assert scores.shape == (3, 4) and (scores <= 0).all()                 # mean log-probabilities
     assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(scores, batch["labels"]).item())
     loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {n for n, p in model.named_parameters() if ".lora_" in n}
+    with_grad = {n for n, p in built.model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in built.model.named_parameters() if ".lora_" in n}
 
 
 @pytest.mark.parametrize("overrides", [{"gradient_checkpointing": True}, {"dtype": "bfloat16"}])
 def test_causal_lm_trains_with_checkpointing_and_in_bfloat16(llama_path: str, overrides: dict) -> None:
-    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"], **overrides), 4, seed=0,
-                                   task="multiple_choice")
-    model.train()
-    loss, _ = compute_loss(model, encode_batch(tokenizer, MC_ROWS[:2], MC_CFG))
+    built = build_model(model_cfg(llama_path, target_modules=["auto"], **overrides), 4, seed=0,
+                        task="multiple_choice")
+    built.model.train()
+    loss, _ = built.compute_loss(built.encode_batch(MC_ROWS[:2], MC_CFG))
     loss.backward()
     assert math.isfinite(loss.item())
-    assert all(b.grad is not None for _, b in lora_parameters(model).values())
+    assert all(b.grad is not None for _, b in built.lora_parameters().values())
 
 
 def test_causal_classification_scores_the_label_names(llama_path: str) -> None:
-    model, tokenizer = build_model(model_cfg(llama_path, target_modules=["auto"]), NUM_LABELS, seed=0)
-    batch = encode_batch(tokenizer, CLS_ROWS[:4], DATA_CFG)
+    built = build_model(model_cfg(llama_path, target_modules=["auto"]), NUM_LABELS, seed=0)
+    batch = built.encode_batch(CLS_ROWS[:4], DATA_CFG)
     assert batch["input_ids"].shape[:2] == (4, NUM_LABELS) and batch["input_ids"].shape[2] <= 16
-    metrics = evaluate(model, tokenizer, CLS_ROWS, DATA_CFG, batch_size=4)
+    metrics = built.evaluate(CLS_ROWS, DATA_CFG, batch_size=4)
     assert metrics["num_examples"] == len(CLS_ROWS) and math.isfinite(metrics["loss"])
     with pytest.raises(ValueError, match="no 'choices'"):
-        encode_batch(tokenizer, ROWS[:2], DATA_CFG)
+        built.encode_batch(ROWS[:2], DATA_CFG)
 
 
 @pytest.mark.parametrize("kind", ["roberta", "llama"])
@@ -345,19 +321,17 @@ def test_saved_adapters_load_with_peft_and_give_identical_scores(kind: str, robe
     from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice
 
     path = roberta_path if kind == "roberta" else llama_path
-    model, tokenizer = build_model(model_cfg(path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
-    target = perturbed(get_adapter_state(model), seed=7)
-    save_adapter(model, target, tmp_path / "adapter")
+    built = build_model(model_cfg(path, target_modules=["auto"]), 4, seed=0, task="multiple_choice")
+    target = perturbed(built.get_adapter_state(), seed=7)
+    built.save_adapter(target, tmp_path / "adapter")
     auto_class = AutoModelForMultipleChoice if kind == "roberta" else AutoModelForCausalLM
     loaded = PeftModel.from_pretrained(auto_class.from_pretrained(path), str(tmp_path / "adapter"))
-    # compute_loss reads how to score from the model; the reloaded one scores the same way
-    loaded.fl_scoring = model.fl_scoring
     loaded.eval()
-    model.eval()
-    batch = encode_batch(tokenizer, MC_ROWS, MC_CFG)
+    built.model.eval()
+    batch = built.encode_batch(MC_ROWS, MC_CFG)
     with torch.no_grad():
-        _, ours = compute_loss(model, batch)
-        _, theirs = compute_loss(loaded, batch)
+        _, ours = built.compute_loss(batch)
+        _, theirs = replace(built, model=loaded).compute_loss(batch)
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
@@ -384,10 +358,9 @@ def test_real_minilm_on_bbc_news() -> None:
 
     data = load_task_data(DataConfig(dataset="bbc_news", max_eval_samples=8), seed=42)
     assert len(data.label_names) == 5 and len(data.eval) == 8
-    model, tokenizer = build_model(ModelConfig(model_name="minilm", target_modules=["query", "value"]),
-                                   num_labels=5, seed=42)
-    adapter = AdapterState.from_state_dict(get_adapter_state(model))
+    built = build_model(ModelConfig(model_name="minilm", target_modules=["query", "value"]), num_labels=5, seed=42)
+    adapter = AdapterState.from_state_dict(built.get_adapter_state())
     assert len(adapter.lora) == 6 * 2
     assert adapter.lora["base_model.model.bert.encoder.layer.0.attention.self.query"].B.shape == (384, 8)
-    metrics = evaluate(model, tokenizer, data.eval, DataConfig(max_length=32))
+    metrics = built.evaluate(data.eval, DataConfig(max_length=32))
     assert metrics["num_examples"] == 8 and math.isfinite(metrics["loss"])

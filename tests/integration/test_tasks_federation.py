@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import RunConfig
-from common.modeling import build_model, evaluate, set_adapter_state
+from common.modeling import build_model
 from common.tasks import load_task_data
 from common.tiny_models import create_tiny_llama, create_tiny_roberta
 from tests.common.hellaswag_factory import write_hellaswag_jsonl
@@ -72,10 +72,10 @@ def test_saved_adapters_load_with_peft_and_reproduce_the_reported_accuracy(finis
     # The final adapter, evaluated here on the same held-out rows, gives the accuracy the coordinator reported.
     run_config = RunConfig.from_flat(config)
     data = load_task_data(run_config.data, seed=run_config.federation.seed)
-    model, tokenizer = build_model(run_config.model, num_labels=data.num_labels, seed=run_config.federation.seed,
-                                   task=run_config.data.task)
-    set_adapter_state(model, load_file(str(run.run_dir / "adapters" / "round_002" / "adapter_model.safetensors")))
-    metrics = evaluate(model, tokenizer, data.eval, run_config.data)
+    built = build_model(run_config.model, num_labels=data.num_labels, seed=run_config.federation.seed,
+                        task=run_config.data.task)
+    built.set_adapter_state(load_file(str(run.run_dir / "adapters" / "round_002" / "adapter_model.safetensors")))
+    metrics = built.evaluate(data.eval, run_config.data)
     last = json.loads((run.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["num_examples"] == len(data.eval) == 12
     assert metrics["accuracy"] == pytest.approx(last["accuracy"])
