@@ -35,13 +35,13 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate, LoraFactors
+from common.adapter import AdapterState, ClientUpdate, LoraFactors, stack_factors
 
 logger = logging.getLogger(__name__)
 
@@ -217,50 +217,15 @@ def _validate_global(global_state: AdapterState, settings: AggregationSettings) 
             )
 
 
-def _check_tensor(client: str, what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    if got.shape != expected.shape:
-        raise ValueError(
-            f"client {client!r}: {what} has shape {_shape(got)} but the global adapter's is {_shape(expected)}; "
-            "clients must train with the global LoRA rank, target modules and head"
-        )
-    if not bool(torch.isfinite(got).all()):
-        raise ValueError(f"client {client!r}: {what} contains NaN or inf; reject this upload")
+def validate_inputs(global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings) -> None:
+    """What the server step itself requires: at least one update, and a global adapter the rank fits.
 
-
-def _check_same_keys(client: str, what: str, expected: Iterable[str], got: Iterable[str], hint: str) -> None:
-    """The update names exactly the global adapter's tensors of one kind (LoRA layers or extra tensors)."""
-    expected, got = set(expected), set(got)
-    for key in sorted(expected - got):
-        raise ValueError(f"client {client!r}: {what} {key!r} of the global adapter is missing from its update")
-    for key in sorted(got - expected):
-        raise ValueError(f"client {client!r}: {what} {key!r} is not in the global adapter; {hint}")
-
-
-def _validate_update(global_state: AdapterState, update: ClientUpdate) -> None:
-    client = update.client
-    n = update.num_examples
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"client {client!r}: num_examples={n!r} must be a positive integer (its training set size)")
-    lora = update.state.lora
-    _check_same_keys(client, "LoRA layer", global_state.lora, lora, "check target_modules")
-    for layer, expected in global_state.lora.items():
-        _check_tensor(client, f"layer {layer!r} lora_A", lora[layer].A, expected.A)
-        _check_tensor(client, f"layer {layer!r} lora_B", lora[layer].B, expected.B)
-    extra = update.state.extra
-    _check_same_keys(client, "extra tensor", global_state.extra, extra, "check the head")
-    for key, expected in global_state.extra.items():
-        _check_tensor(client, f"extra tensor {key!r}", extra[key], expected)
-
-
-def validate_inputs(
-    global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
-) -> None:
-    """Raise ValueError (naming client, layer or key, and shapes) unless the updates fit the global adapter."""
+    The updates are trusted: the coordinator checks every upload once, at its boundary (names,
+    shapes, dtypes, finite values against the global adapter, the example count it is bound to;
+    server/coordinator.py ``check_upload_header`` / ``submit``, common/validation.py)."""
     if len(updates) == 0:
         raise ValueError("updates is empty: aggregate only after at least one client has reported")
     _validate_global(global_state, settings)
-    for update in updates:
-        _validate_update(global_state, update)
 
 
 def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
@@ -378,8 +343,7 @@ SplitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 def client_mixture_target(inputs: LayerInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M = sum p_i s B_i A_i as stacked factors: B_s = [B_1 .. B_K], A_s = [A_1; ..; A_K]."""
-    b_stack = torch.cat([f.B for f in inputs.clients], dim=1)  # (d, K r_c)
-    a_stack = torch.cat([f.A for f in inputs.clients], dim=0)  # (K r_c, k)
+    b_stack, a_stack = stack_factors(inputs.clients)  # (d, K r_c), (K r_c, k)
     client_rank = inputs.clients[0].rank
     weights = (scaling * inputs.weights).repeat_interleave(client_rank)  # (K r_c,)
     return b_stack, weights, a_stack

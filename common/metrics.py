@@ -35,7 +35,7 @@ from itertools import combinations
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate, LoraFactors
+from common.adapter import AdapterState, ClientUpdate, LoraFactors, stack_factors
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def norm_of_weighted_sum(b_stack: torch.Tensor, weights: torch.Tensor, a_stack: 
 def client_gram(factors: Sequence[LoraFactors], scaling: float) -> torch.Tensor:
     """G (K, K) with G_ij = <s B_i A_i, s B_j A_j>_F = s^2 tr((B_i^T B_j)(A_j A_i^T))."""
     rank = factors[0].rank
-    b_stack = torch.cat([f.B for f in factors], dim=1)  # (d, K r)
-    a_stack = torch.cat([f.A for f in factors], dim=0)  # (K r, k)
+    b_stack, a_stack = stack_factors(factors)  # (d, K r), (K r, k)
     # tr((B_i^T B_j)(A_j A_i^T)) = sum_ab (B_i^T B_j)_ab (A_i A_j^T)_ab: elementwise, then block sums.
     products = (b_stack.T @ b_stack) * (a_stack @ a_stack.T)  # (K r, K r)
     count = len(factors)
@@ -141,35 +140,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(defined) / len(defined) if defined else None
 
 
-def _validate(updates: Sequence[ClientUpdate], new_global: AdapterState, scaling: float) -> None:
+def _validate(updates: Sequence[ClientUpdate], scaling: float) -> None:
+    """What the metrics themselves require; the updates were checked at the coordinator's boundary
+    (same layers, shapes and rank as the global adapter, finite values, positive example counts)."""
     if len(updates) == 0:
         raise ValueError("updates is empty: alignment metrics need at least one client update")
     if not (isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling > 0):
         raise ValueError(f"scaling={scaling!r}: must be a positive finite number (lora_alpha / lora_rank)")
-    if not new_global.lora:
-        raise ValueError("new_global has no LoRA layers")
-    for update in updates:
-        client = update.client
-        n = update.num_examples
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"client {client!r}: num_examples={n!r} must be a positive integer")
-        for layer in new_global.lora.keys() ^ update.state.lora.keys():
-            raise ValueError(f"client {client!r}: LoRA layer {layer!r} is in only one of the update and the global adapter")
-    first = updates[0]
-    for layer, glob in new_global.lora.items():
-        expected = first.state.lora[layer]
-        for update in updates:
-            mine = update.state.lora[layer]
-            # Clients share one rank (the stacked Gram needs it); d and k must match the global layer.
-            if (mine.A.shape != expected.A.shape or mine.B.shape != expected.B.shape
-                    or mine.B.shape[0] != glob.B.shape[0] or mine.A.shape[1] != glob.A.shape[1]
-                    or mine.A.shape[0] != mine.B.shape[1]):
-                raise ValueError(
-                    f"client {update.client!r}: layer {layer!r} has lora_A {tuple(mine.A.shape)} / lora_B "
-                    f"{tuple(mine.B.shape)}; expected lora_A {tuple(expected.A.shape)} / lora_B "
-                    f"{tuple(expected.B.shape)} like client {first.client!r}, with d and k of the global "
-                    f"{tuple(glob.B.shape[:1])} / {tuple(glob.A.shape[1:])}"
-                )
 
 
 # --------------------------------------------------------------------------- the metrics
@@ -183,7 +160,7 @@ def alignment_metrics(
     Keys are ``METRIC_NAMES``; a value is None where the quantity is undefined (one client for
     the pairwise cosine, zero updates for ratios and cosines, empty bases for overlaps).
     """
-    _validate(updates, new_global, scaling)
+    _validate(updates, scaling)
     count = len(updates)
     counts = torch.tensor([u.num_examples for u in updates], dtype=_DTYPE)
     weights = counts / counts.sum()  # (K,) p_i
@@ -203,8 +180,7 @@ def alignment_metrics(
         client_rank = clients[0].rank
 
         gram += client_gram(clients, scaling)
-        b_stack = torch.cat([f.B for f in clients], dim=1)  # (d, K r_c)
-        a_stack = torch.cat([f.A for f in clients], dim=0)  # (K r_c, k)
+        b_stack, a_stack = stack_factors(clients)  # (d, K r_c), (K r_c, k)
         mixture = (scaling * weights).repeat_interleave(client_rank)  # (K r_c,)
         mean_sq += norm_of_weighted_sum(b_stack, mixture, a_stack) ** 2
         # dW_g - dW as one stacked product: [B_g, B_1 .. B_K] diag(s, -s p_i ..) [A_g; A_1; ..; A_K].

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -38,6 +38,7 @@ from common.validation import ExpectedTensors, PayloadRejected
 from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge, UploadInProgress
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
+from server.rounds import DEADLINE_REASON, ClosedRound, RoundState, UploadStats, metrics_record
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +80,6 @@ class Finished:
     reason: str
 
 
-@dataclass(frozen=True)
-class UploadStats:
-    train_loss: float
-    train_seconds: float
-    local_steps: int
-    payload_bytes: int
-
-
-@dataclass
-class _Round:
-    index: int
-    sampled: dict[str, int]                        # client id -> partition
-    names: dict[str, str]                          # client id -> name
-    specs: list[TensorSpec]
-    buffer: bytes
-    attempt: int = 0                               # > 0 when the round is retried below quorum
-    opened_at: float = field(default_factory=time.time)
-    open: bool = True
-    dropped: dict[str, str] = field(default_factory=dict)      # client id -> why it was dropped
-    deliveries: dict[str, int] = field(default_factory=dict)   # client id -> times the task was fetched
-    updates: dict[str, tuple[ClientUpdate, UploadStats]] = field(default_factory=dict)
-
-
 def round_seed(seed: int, round_index: int, partition: int) -> int:
     """Seed of one client's local training in one round: a pure function of (seed, round, partition)."""
     digest = hashlib.sha256(f"{seed}/{round_index}/{partition}".encode()).digest()
@@ -133,7 +111,7 @@ class Coordinator:
         self._reference: dict[str, torch.Tensor] = {}     # layer -> U (d, r), orthonormal columns
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._round: _Round | None = None
+        self._round: RoundState | None = None
         self._finished: Finished | None = None
         self._completed_rounds = 0
         self._best_accuracy = -math.inf
@@ -427,13 +405,13 @@ class Coordinator:
                     continue
                 sampled[record.client_id] = partition
                 names[record.client_id] = record.name
-            self._round = _Round(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer,
+            self._round = RoundState(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer,
                                  attempt=attempt)
             self._changed.notify_all()
         log.info("round %d/%d%s: sampled %s", round_index, fed.num_rounds,
                  f" (retry {attempt})" if attempt else "", sorted(names.values()))
 
-    def _wait_for_updates(self, round_index: int) -> _Round:
+    def _wait_for_updates(self, round_index: int) -> RoundState:
         """Until every sampled client reported or was dropped, or the deadline passed; then close intake."""
         fed = self.config.federation
         deadline = time.monotonic() + fed.round_timeout_s
@@ -450,7 +428,7 @@ class Coordinator:
                 if remaining <= 0:
                     for cid in current.sampled:
                         if cid not in current.updates and cid not in current.dropped:
-                            current.dropped[cid] = f"missed the round deadline ({fed.round_timeout_s:.0f}s)"
+                            current.dropped[cid] = f"{DEADLINE_REASON} ({fed.round_timeout_s:.0f}s)"
                     break
                 self._changed.wait(min(remaining, 0.5))
             current.open = False
@@ -458,7 +436,7 @@ class Coordinator:
             log.warning("round %d: dropped %s: %s", round_index, current.names[cid], reason)
         return current
 
-    def _drop_dead_clients(self, current: _Round) -> None:
+    def _drop_dead_clients(self, current: RoundState) -> None:
         """Drop sampled clients whose process or link is gone: closed KeepAlive, silent heartbeats, replaced."""
         timeout = self.config.federation.heartbeat_timeout_s
         now = time.monotonic()
@@ -474,80 +452,61 @@ class Coordinator:
                 current.dropped[cid] = f"no heartbeat for {now - record.last_seen:.0f}s (heartbeat_timeout_s={timeout:.0f})"
 
     def _close_round(self, round_index: int) -> None:
+        """Aggregate, evaluate, save, record, commit: each a step of its own, in that order."""
         current = self._round
-        assert current is not None
-        started = time.time()
-        reported = sorted(current.updates.items(), key=lambda item: current.sampled[item[0]])
-        stats = {current.names[cid]: s for cid, (_, s) in reported}
+        assert current is not None and current.index == round_index
+        closed = self._aggregate_and_evaluate(current)
+        self._save_adapters(current, closed)
+        self.run_dir.append_metrics(metrics_record(self.config.federation.method, current, closed, time.time()))
+        self._commit(round_index, closed)
+        log.info("round %d done: accuracy %s, loss %s, basis overlap %s, cancellation %s",
+                 round_index, _fmt(closed.evaluation.get("accuracy")), _fmt(closed.evaluation.get("loss")),
+                 _fmt(closed.diagnostics.get("basis_overlap")), _fmt(closed.diagnostics.get("cancellation_ratio")))
 
+    def _aggregate_and_evaluate(self, current: RoundState) -> ClosedRound:
+        """Bound each client's update (client_update_clip_norm, off by default), run the method's server
+        step, measure the alignment diagnostics, evaluate the new global adapter."""
+        started = time.time()
         global_state = AdapterState.from_state_dict(self._global)
-        # Each client's own update, bounded before it is weighted (off unless client_update_clip_norm is set).
         bound = self.config.federation.client_update_clip_norm
         clipped = {update.client: clip_update(update.state, global_state, self.settings.scaling, bound)
-                   for _, (update, _) in reported}
-        updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, (u, _) in reported]
+                   for _, update, _ in current.reported()}
+        updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, u, _ in current.reported()]
         result = self.strategy.aggregate(global_state, updates, self.settings)
         new_global = {k: v.to(torch.float32).contiguous() for k, v in result.state.to_state_dict().items()}
         diagnostics = alignment_metrics(updates, result.state, self.settings.scaling)
         aggregation_seconds = time.time() - started
-
         eval_started = time.time()
         evaluation = self.model.evaluate(new_global)
-        eval_seconds = time.time() - eval_started
+        return ClosedRound(
+            clipped=clipped, new_global=new_global,
+            reference={k: v.to(torch.float32).contiguous() for k, v in result.reference_basis.items()},
+            diagnostics=diagnostics, evaluation=evaluation, aggregation_seconds=aggregation_seconds,
+            eval_seconds=time.time() - eval_started)
 
+    def _save_adapters(self, current: RoundState, closed: ClosedRound) -> None:
+        """The round's global adapter in PEFT's format (and as the best one when it is), the clients'
+        uploads when asked; all before the commit, so a committed round always has its adapter."""
         if self.config.federation.save_client_updates:
-            self.run_dir.save_client_updates(round_index, updates)
-        self.run_dir.round_adapter_dir(round_index).parent.mkdir(parents=True, exist_ok=True)
-        self.model.save(new_global, self.run_dir.round_adapter_dir(round_index))
-        accuracy = evaluation.get("accuracy")
+            self.run_dir.save_client_updates(current.index, [u for _, u, _ in current.reported()])  # as uploaded
+        directory = self.run_dir.round_adapter_dir(current.index)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self.model.save(closed.new_global, directory)
+        accuracy = closed.evaluation.get("accuracy")
         if accuracy is not None and accuracy > self._best_accuracy:
             self._best_accuracy = accuracy
-            self.run_dir.mark_best(round_index)
+            self.run_dir.mark_best(current.index)
 
-        reference = {k: v.to(torch.float32).contiguous() for k, v in result.reference_basis.items()}
-        weights = [u.num_examples for u in updates]
-        train_losses = [s.train_loss for s in stats.values()]
-        line = {
-            "round": round_index,
-            "method": self.config.federation.method,
-            "accuracy": accuracy,
-            "loss": evaluation.get("loss"),
-            "eval_examples": evaluation.get("num_examples"),
-            "train_loss": sum(w * l for w, l in zip(weights, train_losses)) / sum(weights),
-            **diagnostics,
-            "client_update_norms": {name: c.norm for name, c in clipped.items()},
-            "clipped_clients": sorted(name for name, c in clipped.items() if c.factor < 1.0),
-            "participants": [current.names[cid] for cid, _ in reported],
-            "partitions": [current.sampled[cid] for cid, _ in reported],
-            "num_examples": weights,
-            "sampled": sorted(current.names.values()),
-            "stragglers": sorted(current.names[cid] for cid, why in current.dropped.items() if "deadline" in why),
-            "dropped": sorted(({"client": current.names[cid], "reason": why} for cid, why in current.dropped.items()),
-                              key=lambda entry: entry["client"]),
-            "attempt": current.attempt,
-            "bytes_down": len(current.buffer) * sum(current.deliveries.values()),
-            "bytes_up": sum(s.payload_bytes for s in stats.values()),
-            "client_train_seconds": {name: round(s.train_seconds, 3) for name, s in stats.items()},
-            "mean_client_train_seconds": sum(s.train_seconds for s in stats.values()) / len(stats),
-            "local_steps": {name: s.local_steps for name, s in stats.items()},
-            "aggregation_seconds": aggregation_seconds,
-            "eval_seconds": eval_seconds,
-            "round_seconds": time.time() - current.opened_at,
-            "timestamp": time.time(),
-        }
-        # Commit: the checkpoint's state file is renamed last, so a crash before it leaves the previous
-        # round committed; a resume drops metrics lines of rounds after the committed one.
-        self.run_dir.append_metrics(line)
-        self.run_dir.commit_checkpoint(round_index, {**new_global, **{k + REFERENCE_SUFFIX: v for k, v in reference.items()}},
-                                       {"best_accuracy": self._best_accuracy, "registry": self.registry.snapshot(),
-                                        "run_id": self.run_id})
+    def _commit(self, round_index: int, closed: ClosedRound) -> None:
+        """The checkpoint's state file is renamed last: a crash before it leaves the previous round
+        committed, and a resume drops metrics lines of rounds after the committed one."""
+        tensors = {**closed.new_global, **{k + REFERENCE_SUFFIX: v for k, v in closed.reference.items()}}
+        self.run_dir.commit_checkpoint(round_index, tensors, {
+            "best_accuracy": self._best_accuracy, "registry": self.registry.snapshot(), "run_id": self.run_id})
         with self._changed:
-            self._global = new_global
-            self._reference = reference
+            self._global = closed.new_global
+            self._reference = closed.reference
             self._completed_rounds = round_index
-        log.info("round %d done: accuracy %s, loss %s, basis overlap %s, cancellation %s",
-                 round_index, _fmt(accuracy), _fmt(evaluation.get("loss")),
-                 _fmt(diagnostics.get("basis_overlap")), _fmt(diagnostics.get("cancellation_ratio")))
 
 
 def _fmt(value: Any) -> str:

@@ -13,7 +13,8 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
                          trailer_to_proto)
-from server.coordinator import Coordinator, Finished, Task, UploadStats
+from server.coordinator import Coordinator, Finished, Task
+from server.rounds import UploadStats
 from server.errors import BadRequest, CoordinatorError, CorruptPayload, VersionMismatch
 
 log = logging.getLogger(__name__)

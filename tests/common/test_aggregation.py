@@ -316,65 +316,10 @@ def _replace(update: ClientUpdate, lora: dict | None = None, extra: dict | None 
     return ClientUpdate(client=update.client, num_examples=num_examples or update.num_examples, state=state)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_shape_mismatch_names_layer_shapes_and_client(method: str) -> None:
-    global_state, updates = _setup()
-    old = updates[1].state.lora["enc.0.query"]
-    updates[1] = _replace(updates[1], lora={"enc.0.query": LoraFactors(A=old.A, B=torch.zeros(11, 4, dtype=F64))})
-    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.query.*lora_B.*\(11, 4\).*\(12, 4\)"):
-        aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
-
-
-def test_rank_mismatch_on_a_names_layer_shapes_and_client() -> None:
-    global_state, updates = _setup()
-    old = updates[0].state.lora["enc.0.output.dense"]
-    updates[0] = _replace(updates[0], lora={"enc.0.output.dense": LoraFactors(A=torch.zeros(2, 14, dtype=F64), B=old.B)})
-    with pytest.raises(ValueError, match=r"client-0.*enc\.0\.output\.dense.*lora_A.*\(2, 14\).*\(4, 14\)"):
-        aggregate("svd", global_state, updates, AggregationSettings(SCALING, 4, None))
-
-
-def test_missing_layer_names_it_and_the_client() -> None:
-    global_state, updates = _setup()
-    lora = dict(updates[1].state.lora)
-    del lora["enc.0.query"]
-    updates[1] = ClientUpdate("client-1", 5, AdapterState(lora=lora, extra=updates[1].state.extra))
-    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.query.*missing"):
-        aggregate("subspace_reg", global_state, updates, AggregationSettings(SCALING, 4, None))
-
-
-def test_extra_key_and_shape_mismatches_name_key_and_client() -> None:
-    global_state, updates = _setup()
-    extra = {k: v for k, v in updates[0].state.extra.items() if k != "classifier.bias"}
-    with pytest.raises(ValueError, match=r"client-0.*classifier\.bias.*missing"):
-        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
-                  AggregationSettings(SCALING, 4, None))
-    extra = {**updates[0].state.extra, "classifier.bias": torch.zeros(4, dtype=F64)}
-    with pytest.raises(ValueError, match=r"client-0.*classifier\.bias.*\(4,\).*\(3,\)"):
-        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
-                  AggregationSettings(SCALING, 4, None))
-    extra = {**updates[0].state.extra, "pooler.weight": torch.zeros(2, dtype=F64)}
-    with pytest.raises(ValueError, match=r"client-0.*pooler\.weight.*not in the global"):
-        aggregate("fedavg", global_state, [_replace(updates[0], extra=extra), updates[1]],
-                  AggregationSettings(SCALING, 4, None))
-
-
-@pytest.mark.parametrize("count", [0, -3])
-def test_non_positive_num_examples(count: int) -> None:
-    global_state, updates = _setup()
-    bad = ClientUpdate(client="client-9", num_examples=count, state=updates[0].state)
-    with pytest.raises(ValueError, match=rf"client-9.*num_examples={count}"):
-        aggregate("svd", global_state, [updates[1], bad], AggregationSettings(SCALING, 4, None))
-
-
-def test_empty_updates_and_bad_values() -> None:
+def test_empty_updates_and_a_rank_the_layers_cannot_hold() -> None:
     global_state, updates = _setup()
     with pytest.raises(ValueError, match="empty"):
         aggregate("svd", global_state, [], AggregationSettings(SCALING, 4, None))
-    nan_b = updates[0].state.lora["enc.0.query"].B.clone()
-    nan_b[0, 0] = float("nan")
-    bad = _replace(updates[0], lora={"enc.0.query": LoraFactors(A=updates[0].state.lora["enc.0.query"].A, B=nan_b)})
-    with pytest.raises(ValueError, match=r"client-0.*enc\.0\.query.*NaN"):
-        aggregate("svd", global_state, [bad], AggregationSettings(SCALING, 4, None))
     with pytest.raises(ValueError, match=r"rank=10.*enc\.0\.query.*at most 9"):
         aggregate("svd", global_state, updates, AggregationSettings(SCALING, 10, None))
     with pytest.raises(ValueError, match=r"fedavg.*rank 4"):

@@ -14,7 +14,7 @@ from common.adapter import AdapterState, ClientUpdate, LoraFactors
 from common.aggregation import AggregationSettings, aggregate
 from common.metrics import METRIC_NAMES, alignment_metrics
 from tests.common.dense_reference import dense_alignment_metrics
-from tests.common.factories import DEFAULT_SHAPES, F64, make_generator, random_state, random_updates
+from tests.common.factories import DEFAULT_SHAPES, make_generator, random_state, random_updates
 
 SCALING = 2.0
 TOL = 1e-6
@@ -121,16 +121,8 @@ def test_one_client() -> None:
     json.dumps(metrics, allow_nan=False)
 
 
-def test_validation_names_client_layer_and_shapes() -> None:
+def test_empty_updates_are_refused() -> None:
     gen = make_generator(16)
     global_state = random_state(gen, DEFAULT_SHAPES, 4)
-    updates = random_updates(gen, DEFAULT_SHAPES, 4, 2)
     with pytest.raises(ValueError, match="empty"):
         alignment_metrics([], global_state, SCALING)
-    f = updates[1].state.lora["enc.0.query"]
-    bad = AdapterState(lora={**updates[1].state.lora, "enc.0.query": LoraFactors(A=f.A, B=torch.zeros(5, 4, dtype=F64))})
-    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.query.*\(5, 4\).*\(12, 4\)"):
-        alignment_metrics([updates[0], ClientUpdate("client-1", 3, bad)], global_state, SCALING)
-    missing = AdapterState(lora={"enc.0.query": f})
-    with pytest.raises(ValueError, match=r"client-1.*enc\.0\.output\.dense"):
-        alignment_metrics([updates[0], ClientUpdate("client-1", 3, missing)], global_state, SCALING)
