@@ -36,13 +36,13 @@ from typing import Any
 import yaml
 
 from common.config import METHODS
+from common.metrics import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launcher.log")
 """Any of these marks a run directory; launcher.log alone: a grid cell that has just started."""
-DIAGNOSTICS = ("cancellation_ratio", "client_global_cosine", "pairwise_client_cosine", "basis_overlap",
-               "basis_overlap_sq", "update_subspace_overlap", "aggregation_error")
+DIAGNOSTICS = METRIC_NAMES
 """The final-round diagnostics of summary.json's final_diagnostics (docs/DESIGN.md §5)."""
 ACCURACY_METRICS = ("best_accuracy", "mean_last5_accuracy", "final_accuracy", "final_loss")
 COST_METRICS = ("total_bytes_up", "total_bytes_down", "total_round_seconds")

@@ -26,6 +26,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from common.metrics import METRIC_NAMES
+
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,8 +155,6 @@ def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     best_accuracy, best_round = max(scored, key=lambda item: (item[0], -item[1])) if scored else (None, None)
     last5 = [a for a in accuracies[-5:] if a is not None]
     final = metrics[-1]
-    diagnostics = ("cancellation_ratio", "client_global_cosine", "pairwise_client_cosine", "basis_overlap",
-                   "basis_overlap_sq", "update_subspace_overlap", "aggregation_error")
     return {
         "method": final.get("method"),
         "rounds_completed": len(metrics),
@@ -163,7 +163,7 @@ def summarize(metrics: list[dict[str, Any]]) -> dict[str, Any]:
         "final_accuracy": final.get("accuracy"),
         "mean_last5_accuracy": sum(last5) / len(last5) if last5 else None,
         "final_loss": final.get("loss"),
-        "final_diagnostics": {key: final.get(key) for key in diagnostics},
+        "final_diagnostics": {key: final.get(key) for key in METRIC_NAMES},
         "total_bytes_down": sum(m.get("bytes_down", 0) for m in metrics),
         "total_bytes_up": sum(m.get("bytes_up", 0) for m in metrics),
         "total_round_seconds": sum(m.get("round_seconds", 0.0) for m in metrics),
