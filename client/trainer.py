@@ -7,7 +7,6 @@ every round (AdamW, weight decay 0, as in the reference study).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,15 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common.adapter import REFERENCE_SUFFIX, AdapterState
-from common.aggregation import get_strategy
 from common.config import RunConfig
+from common.methods import get_method
 from common.modeling import build_model
-from common.regularizer import subspace_regularizer
 from common.validation import ExpectedTensors
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class LocalResult:
@@ -43,18 +37,14 @@ class LocalTrainer:
         self.rows = rows
         self.device = device
         self.show_progress = show_progress
-        self.strategy = get_strategy(config.federation.method)
+        self.method = get_method(config.federation.method)
         self.built = build_model(config.model, num_labels=num_labels, seed=config.federation.seed, device=device,
                                  task=config.data.task)
         self.lora = self.built.lora_parameters()
 
     def expected_task(self) -> ExpectedTensors:
-        """What a task for this model must hold: every trainable tensor, and for a method with a reference
-        subspace, the basis U (d, r) of each adapted layer (absent before the first aggregation)."""
-        adapter = self.built.get_adapter_state()
-        optional = ({layer + REFERENCE_SUFFIX: tuple(B.shape) for layer, (_A, B) in self.lora.items()}
-                    if self.strategy.uses_regularizer else {})
-        return ExpectedTensors(ExpectedTensors.like(adapter).required, optional)
+        """What a task for this model must hold, as the method sends it (common/methods/)."""
+        return self.method.expected_task(self.built.get_adapter_state())
 
     def _micro_batches(self, generator: torch.Generator) -> Iterator[list[dict]]:
         """One or more shuffled epochs, capped at max_local_steps micro-batches."""
@@ -78,13 +68,13 @@ class LocalTrainer:
 
     def train_round(self, round_index: int, global_tensors: dict[str, torch.Tensor], seed: int) -> LocalResult:
         started = time.time()
-        adapter = {k: v for k, v in global_tensors.items() if not k.endswith(REFERENCE_SUFFIX)}
-        self.built.set_adapter_state(adapter)
-        reference = AdapterState.from_state_dict(adapter).lora   # A_g, B_g as stored (constants)
-        for A, _B in self.lora.values():
-            A.requires_grad_(self.strategy.trains_lora_A)        # fedsvd trains B only
+        objective = self.method.local_objective(global_tensors, self.config)   # start, frozen factors, penalty
+        self.built.set_adapter_state(objective.start)
+        for A, B in self.lora.values():
+            A.requires_grad_(objective.train_a)
+            B.requires_grad_(objective.train_b)
         params = [p for p in self.built.model.parameters() if p.requires_grad]
-        train, fed = self.config.train, self.config.federation
+        train = self.config.train
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
 
         torch.manual_seed(seed)                                  # dropout
@@ -99,10 +89,7 @@ class LocalTrainer:
         for step, rows in enumerate(self._micro_batches(generator), start=1):
             batch = {k: v.to(self.device) for k, v in self.built.encode_batch(rows, self.config.data).items()}
             task_loss, _ = self.built.compute_loss(batch)
-            loss = task_loss
-            if self.strategy.uses_regularizer:
-                loss = loss + subspace_regularizer(self.lora, reference, self.config.model.scaling,
-                                                   fed.mu, fed.alpha, fed.lambda_reg)
+            loss = task_loss if objective.penalty is None else task_loss + objective.penalty(self.lora)
             (loss / accumulation).backward()
             if step % accumulation == 0 or step == total:
                 if train.max_grad_norm is not None:
@@ -113,8 +100,9 @@ class LocalTrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
         progress.close()
-        for A, _B in self.lora.values():
+        for A, B in self.lora.values():
             A.requires_grad_(True)
-        return LocalResult(tensors=self.built.get_adapter_state(), num_examples=len(self.rows),
+            B.requires_grad_(True)
+        return LocalResult(tensors=self.method.upload(self.built.get_adapter_state()), num_examples=len(self.rows),
                            train_loss=sum(losses) / max(1, len(losses)), train_seconds=time.time() - started,
                            local_steps=len(losses))

@@ -17,6 +17,8 @@ LORA_B_SUFFIX = ".lora_B.weight"
 REFERENCE_SUFFIX = ".reference_basis"
 """``<layer>.reference_basis``: the coordinator's basis U (d, r) of a layer's reference subspace, sent with
 the global adapter to clients of a method with a regularizer and kept in checkpoints (docs/DESIGN.md §4.4)."""
+REFERENCE_GAIN_SUFFIX = ".reference_gain"
+"""``<layer>.reference_gain``: the scalar g with B_g = g U (subspace_reg sends U and g instead of B_g)."""
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ QR on both sides (B_s = Q_b R_b, A_s^T = Q_a R_a) leaves a small core R_b diag(w
 O((d + k)(Kr)^2). Everything is computed in float64 and returned in the dtype of the
 global adapter's tensors.
 
-Adding a method means writing one strategy (or one target / split function) and
-registering it in ``STRATEGIES``; nothing else dispatches on the method name.
+This module is the server step's math only. A method (what is sent, what trains, the client's
+penalty, what is uploaded, this step) is one class in common/methods/; a new method whose step
+is new math brings its own strategy (or target / split function) from here.
 """
 
 from __future__ import annotations
@@ -89,13 +90,9 @@ class AggregationResult:
 
 @runtime_checkable
 class Strategy(Protocol):
-    """One federated method: what the client trains and how the server aggregates."""
+    """The server step's math of one method (the rest of the method: common/methods/)."""
 
     name: str
-    trains_lora_A: bool
-    """False only for fedsvd, whose clients freeze A at A_g."""
-    uses_regularizer: bool
-    """True only for subspace_reg, whose clients add ``subspace_regularizer`` to the loss."""
 
     def aggregate(
         self, global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
@@ -263,8 +260,6 @@ class LayerwiseStrategy(ABC):
     """
 
     name: str
-    trains_lora_A: bool
-    uses_regularizer: bool
 
     def aggregate(
         self, global_state: AdapterState, updates: Sequence[ClientUpdate], settings: AggregationSettings
@@ -314,8 +309,6 @@ class FedAvg(LayerwiseStrategy):
     """
 
     name = "fedavg"
-    trains_lora_A = True
-    uses_regularizer = False
 
     def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
         client_rank = inputs.global_factors.rank
@@ -380,8 +373,6 @@ class RefactorizingStrategy(LayerwiseStrategy):
     name: str
     target: TargetFn
     split: SplitFn
-    trains_lora_A: bool = True
-    uses_regularizer: bool = False
 
     def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
         b_stack, weights, a_stack = self.target(inputs, settings.scaling)
@@ -416,9 +407,8 @@ def register(strategy: Strategy) -> Strategy:
 
 register(FedAvg())
 register(RefactorizingStrategy(name="svd", target=client_mixture_target, split=split_balanced))
-register(RefactorizingStrategy(name="fedsvd", target=frozen_a_target, split=split_orthonormal_a, trains_lora_A=False))
-register(RefactorizingStrategy(name="subspace_reg", target=client_mixture_target, split=split_orthonormal_b,
-                               uses_regularizer=True))
+register(RefactorizingStrategy(name="fedsvd", target=frozen_a_target, split=split_orthonormal_a))
+register(RefactorizingStrategy(name="subspace_reg", target=client_mixture_target, split=split_orthonormal_b))
 
 
 def get_strategy(name: str) -> Strategy:

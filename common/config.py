@@ -19,8 +19,6 @@ from typing import Any, get_type_hints
 
 import yaml
 
-METHODS = ("fedavg", "svd", "fedsvd", "subspace_reg")
-
 AUTO_TARGET_MODULES = "auto"
 """``target_modules: auto``: LoRA targets chosen from the model family (config.model_type)."""
 
@@ -192,7 +190,9 @@ class FederationConfig:
     """A client whose heartbeats stop for this long is dropped from the open round."""
 
     def __post_init__(self) -> None:
-        _require(self.method in METHODS, f"method={self.method!r}: use one of {', '.join(METHODS)}")
+        from common.methods import method_names   # the registry is the one list of methods (imports torch)
+
+        _require(self.method in method_names(), f"method={self.method!r}: use one of {', '.join(method_names())}")
         _require(isinstance(self.num_rounds, int) and self.num_rounds >= 1,
                  f"num_rounds={self.num_rounds!r}: must be a positive integer")
         _require(0.0 < self.client_fraction <= 1.0, f"client_fraction={self.client_fraction!r}: must be in (0, 1]")

@@ -26,7 +26,8 @@ from typing import Any
 
 import yaml
 
-from common.config import METHODS, ConfigError, RunConfig
+from common.config import ConfigError, RunConfig
+from common.methods import method_names
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -140,9 +141,9 @@ class GridConfig:
         if not isinstance(self.methods, list) or not self.methods:
             raise ValueError(f"methods={self.methods!r}: expected a non-empty list, e.g. [fedavg, subspace_reg]")
         for method in self.methods:
-            if method not in METHODS:
-                nearest = difflib.get_close_matches(str(method), METHODS, n=1, cutoff=0.5)
-                hint = f"did you mean {nearest[0]!r}?" if nearest else f"use one of {', '.join(METHODS)}"
+            if method not in method_names():
+                nearest = difflib.get_close_matches(str(method), method_names(), n=1, cutoff=0.5)
+                hint = f"did you mean {nearest[0]!r}?" if nearest else f"use one of {', '.join(method_names())}"
                 raise ValueError(f"methods: unknown method {method!r}; {hint}")
         if not isinstance(self.seeds, list) or not self.seeds:
             raise ValueError(f"seeds={self.seeds!r}: expected a non-empty list of integers, e.g. [42, 43, 44]")

@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from common.config import METHODS
+from common.methods import get_method, method_names
 from common.metrics import METRIC_NAMES
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ METRICS = (*ACCURACY_METRICS, *DIAGNOSTICS, *COST_METRICS)
 """The CSV's metric names, in table order."""
 REQUIRED_SUMMARY_KEYS = ("status", *ACCURACY_METRICS, "final_diagnostics", *COST_METRICS)
 
-METHOD_LABELS = {"fedavg": "FedAvg", "svd": "SVD", "fedsvd": "FedSVD", "subspace_reg": "Subspace-Reg"}
 METRIC_LABELS = {
     "best_accuracy": "Best acc.", "mean_last5_accuracy": "Mean of last 5", "final_accuracy": "Final acc.",
     "final_loss": "Final loss", "cancellation_ratio": "Cancellation ratio", "client_global_cosine": "Client-global cos",
@@ -224,11 +223,12 @@ def collect_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], li
 # ---------------------------------------------------------------- statistics
 
 def _method_order(methods: set[str]) -> list[str]:
-    return [m for m in METHODS if m in methods] + sorted(methods - set(METHODS))
+    known = method_names()
+    return [m for m in known if m in methods] + sorted(methods - set(known))
 
 
 def group(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
-    """model -> method -> runs (sorted by seed), models in order of appearance, methods in METHODS order."""
+    """model -> method -> runs (sorted by seed), models in order of appearance, methods in registry order (common.methods)."""
     models: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         models.setdefault(run.model, {}).setdefault(run.method, []).append(run)
@@ -313,7 +313,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The method's own label (common/methods/), or its name for a method this installation does not know."""
+    return get_method(method).label if method in method_names() else method
 
 
 def _metric_table(by_method: dict[str, list[Run]], metrics: tuple[str, ...]) -> list[str]:

@@ -27,14 +27,15 @@ from typing import Any, Protocol
 
 import torch
 
-from common.adapter import REFERENCE_SUFFIX, AdapterState, ClientUpdate
-from common.aggregation import AggregationSettings, get_strategy
+from common.adapter import AdapterState, ClientUpdate
+from common.aggregation import AggregationSettings
 from common.clipping import clip_update
 from common.codec import TensorSpec, encode_tensors
 from common.config import RunConfig
 from common.metrics import alignment_metrics
 from common.sampling import sample_clients
-from common.validation import ExpectedTensors, PayloadRejected
+from common.methods import get_method
+from common.validation import PayloadRejected
 from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge, UploadInProgress
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
@@ -93,7 +94,7 @@ class Coordinator:
         self.config = config
         self.run_dir = run_dir
         self.model = model
-        self.strategy = get_strategy(config.federation.method)
+        self.method = get_method(config.federation.method)
         self.settings = AggregationSettings(
             scaling=config.model.scaling, rank=config.model.lora_rank,
             max_update_norm=config.federation.max_effective_lora_update_norm,
@@ -103,12 +104,12 @@ class Coordinator:
         self.registry = ClientRegistry(partition_sizes)
         self.poll_timeout_s = poll_timeout_s
         self._global: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}
-        # An upload holds exactly the global adapter's tensors: known before any upload, so its header is
-        # checked against it before a payload byte is read, and no upload may be larger than this.
-        self.expected_upload = ExpectedTensors.like(self._global)
+        # What an upload holds is the method's to say (all of the adapter, or part of it), known before any
+        # upload: its header is checked against it before a payload byte is read, and none may be larger.
+        self.expected_upload = self.method.expected_upload(self._global)
         self.max_payload_bytes = self.expected_upload.max_bytes
         self._uploading: set[str] = set()  # names of clients with an upload stream in progress
-        self._reference: dict[str, torch.Tensor] = {}     # layer -> U (d, r), orthonormal columns
+        self._method_state: dict[str, torch.Tensor] = {}  # the method's tensors kept between rounds (reference bases)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._round: RoundState | None = None
@@ -126,14 +127,14 @@ class Coordinator:
             self.run_dir.truncate_metrics(after_round=0)
             return 0
         state, tensors = loaded
-        adapter = {k: v for k, v in tensors.items() if not k.endswith(REFERENCE_SUFFIX)}
+        adapter = {k: v for k, v in tensors.items() if k in self._global}
         mismatched = sorted(k for k in adapter.keys() | self._global.keys()
                             if k not in adapter or k not in self._global or adapter[k].shape != self._global[k].shape)
         if mismatched:
             raise ValueError(f"checkpoint in {self.run_dir.checkpoint} does not match this model and config "
                              f"(differing tensors: {mismatched[:3]}); resume with the run's own config.yaml")
         self._global = {k: v.to(torch.float32) for k, v in adapter.items()}
-        self._reference = {k[: -len(REFERENCE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(REFERENCE_SUFFIX)}
+        self._method_state = {k: v for k, v in tensors.items() if k not in self._global}
         self._completed_rounds = int(state["round"])
         self._best_accuracy = float(state.get("best_accuracy", -math.inf))
         self.registry.restore(state.get("registry", []))
@@ -256,8 +257,9 @@ class Coordinator:
                                                       max_norm=self.config.federation.max_update_norm)
         except PayloadRejected as error:
             raise BadRequest(str(error)) from None
+        whole = self.method.complete_upload(self._global, clean)   # e.g. fedsvd's frozen A, from the global
         update = ClientUpdate(client=record.name, num_examples=record.num_examples,
-                              state=AdapterState.from_state_dict(clean))
+                              state=AdapterState.from_state_dict(whole))
         with self._changed:
             self._check_round_accepts(record, round_index)   # the round may have closed meanwhile
             assert self._round is not None
@@ -389,11 +391,7 @@ class Coordinator:
     def _open_round(self, round_index: int, attempt: int = 0) -> None:
         fed = self.config.federation
         partitions = self._sample(round_index, attempt)
-        tensors = dict(self._global)
-        if self.strategy.uses_regularizer:
-            # The method's reference subspace travels with the adapter (none yet before round 1's step).
-            tensors.update({layer + REFERENCE_SUFFIX: basis for layer, basis in self._reference.items()})
-        specs, buffer = encode_tensors(tensors)
+        specs, buffer = encode_tensors(self.method.task_tensors(self._global, self._method_state))   # once per round
         with self._changed:
             sampled: dict[str, int] = {}
             names: dict[str, str] = {}
@@ -472,15 +470,15 @@ class Coordinator:
         clipped = {update.client: clip_update(update.state, global_state, self.settings.scaling, bound)
                    for _, update, _ in current.reported()}
         updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, u, _ in current.reported()]
-        result = self.strategy.aggregate(global_state, updates, self.settings)
-        new_global = {k: v.to(torch.float32).contiguous() for k, v in result.state.to_state_dict().items()}
-        diagnostics = alignment_metrics(updates, result.state, self.settings.scaling)
+        step = self.method.server_step(self._global, self._method_state, updates, self.settings)
+        new_global = {k: v.to(torch.float32).contiguous() for k, v in step.adapter.to_state_dict().items()}
+        diagnostics = alignment_metrics(updates, step.adapter, self.settings.scaling)
         aggregation_seconds = time.time() - started
         eval_started = time.time()
         evaluation = self.model.evaluate(new_global)
         return ClosedRound(
             clipped=clipped, new_global=new_global,
-            reference={k: v.to(torch.float32).contiguous() for k, v in result.reference_basis.items()},
+            method_state={k: v.to(torch.float32).contiguous() for k, v in step.state.items()},
             diagnostics=diagnostics, evaluation=evaluation, aggregation_seconds=aggregation_seconds,
             eval_seconds=time.time() - eval_started)
 
@@ -500,12 +498,12 @@ class Coordinator:
     def _commit(self, round_index: int, closed: ClosedRound) -> None:
         """The checkpoint's state file is renamed last: a crash before it leaves the previous round
         committed, and a resume drops metrics lines of rounds after the committed one."""
-        tensors = {**closed.new_global, **{k + REFERENCE_SUFFIX: v for k, v in closed.reference.items()}}
+        tensors = {**closed.new_global, **closed.method_state}
         self.run_dir.commit_checkpoint(round_index, tensors, {
             "best_accuracy": self._best_accuracy, "registry": self.registry.snapshot(), "run_id": self.run_id})
         with self._changed:
             self._global = closed.new_global
-            self._reference = closed.reference
+            self._method_state = closed.method_state
             self._completed_rounds = round_index
 
 

@@ -58,7 +58,7 @@ class ClosedRound:
 
     clipped: dict[str, ClippedUpdate]              # client name -> its update after the per-client bound
     new_global: dict[str, torch.Tensor]            # the new global adapter, float32
-    reference: dict[str, torch.Tensor]             # layer -> U (d, r), float32
+    method_state: dict[str, torch.Tensor]          # what the method keeps between rounds (reference bases), float32
     diagnostics: dict[str, float | None]           # common.metrics.alignment_metrics
     evaluation: dict[str, Any]                     # accuracy, loss, num_examples of the new global adapter
     aggregation_seconds: float

@@ -102,7 +102,8 @@ def _check_subspace_reg_structure(run, final: AdapterState, scaling: float) -> N
         gram = factors.B.double().T @ factors.B.double()         # (r, r): orthogonal columns of equal norm
         assert torch.allclose(gram, gram[0, 0] * torch.eye(gram.shape[0], dtype=gram.dtype),
                               rtol=1e-4, atol=1e-6 * float(gram[0, 0]) + 1e-12), layer
-    # Round 2's task carried the orthonormal reference basis U of round 1's aggregate, spanning B_g.
+    # Round 2's task carried the orthonormal reference basis U of round 1's aggregate and the gain g, not
+    # B_g beside them (the wire carries each fact once): the client's B_g = g U is round 1's B_g.
     round1 = AdapterState.from_state_dict(_adapter(run.run_dir / "adapters" / "round_001"))
     received = [load_file(str(d / "round_002.safetensors")) for d in run.received_dirs
                 if (d / "round_002.safetensors").exists()]
@@ -115,4 +116,6 @@ def _check_subspace_reg_structure(run, final: AdapterState, scaling: float) -> N
             assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=U.dtype), atol=1e-5), layer
             B = round1.lora[layer].B.double()
             assert torch.allclose(U @ (U.T @ B), B, rtol=1e-4, atol=1e-6), layer   # span(B_g) = span(U)
-            assert torch.equal(tensors[layer + ".lora_B.weight"], round1.lora[layer].B)
+            assert layer + ".lora_B.weight" not in tensors
+            gain = tensors[layer + ".reference_gain"]
+            assert gain.shape == () and torch.allclose(gain * basis, round1.lora[layer].B, rtol=1e-6, atol=1e-7), layer

@@ -27,7 +27,7 @@ def test_metrics_record_from_hand_made_inputs():
     closed = ClosedRound(
         clipped={"bob": ClippedUpdate(_update("bob", 10).state, norm=2.5, factor=0.4),
                  "alice": ClippedUpdate(_update("alice", 30).state, norm=0.5, factor=1.0)},
-        new_global={}, reference={}, diagnostics={"cancellation_ratio": 0.9, "basis_overlap": None},
+        new_global={}, method_state={}, diagnostics={"cancellation_ratio": 0.9, "basis_overlap": None},
         evaluation={"accuracy": 0.75, "loss": 0.5, "num_examples": 40}, aggregation_seconds=0.25, eval_seconds=1.5)
 
     line = metrics_record("fedavg", state, closed, now=1012.5)
