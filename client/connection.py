@@ -22,7 +22,7 @@ import torch
 from client.tls_check import diagnose_tls, is_loopback, split_target
 from common.codec import CodecError, decode_tensors, encode_tensors
 from common.validation import ExpectedTensors, PayloadRejected
-from proto import AUTHORIZATION_KEY, PROTOCOL_VERSION, bearer
+from proto import AUTHORIZATION_KEY, KEEPALIVE_OPTIONS, PROTOCOL_VERSION, bearer
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
@@ -43,8 +43,14 @@ class CoordinatorGone(RuntimeError):
     """The coordinator stayed unreachable for longer than the client's patience."""
 
 
-class RunIsOver(RuntimeError):
-    """The coordinator said (on the keep-alive stream) that the run ended while this client was busy."""
+class RunFinished(Exception):
+    """The run is over: the coordinator said so on a long poll (with the rounds completed) or, while this
+    client was busy, on its keep-alive stream (rounds_completed None)."""
+
+    def __init__(self, reason: str, rounds_completed: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rounds_completed = rounds_completed
 
 
 class NotAuthenticated(RuntimeError):
@@ -135,13 +141,6 @@ class ReceivedTask:
 
 @dataclass(frozen=True)
 class WaitHint:
-    retry_after_ms: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class RunOver:
-    rounds_completed: int
     reason: str
 
 
@@ -154,8 +153,7 @@ class CoordinatorConnection:
         security = security or ClientSecurity()
         security.check_token_transport(address)     # before any channel exists: nothing has been sent yet
         self.security = security
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 10_000),
-                   ("grpc.keepalive_permit_without_calls", 1)]
+        options = list(KEEPALIVE_OPTIONS)
         credentials = security.channel_credentials()
         self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials
                         else grpc.insecure_channel(address, options=options))
@@ -163,7 +161,7 @@ class CoordinatorConnection:
         self.metadata = ((AUTHORIZATION_KEY, bearer(security.token)),) if security.token else ()
         self.uses_tls = credentials is not None
         self._keepalive_stop = threading.Event()
-        self.run_over_reason: str | None = None   # set by the keep-alive thread when the run ended
+        self.run_finished_reason: str | None = None   # set by the keep-alive thread when the run ended
         self._keepalive_thread: threading.Thread | None = None
 
     def close(self) -> None:
@@ -183,7 +181,7 @@ class CoordinatorConnection:
                 try:
                     reply = self.stub.KeepAlive(beats(), metadata=self.metadata)
                     if reply.run_over:
-                        self.run_over_reason = reply.message
+                        self.run_finished_reason = reply.message
                         return
                 except grpc.RpcError as error:
                     log.debug("keep-alive stream ended: %s", error.code().name)
@@ -200,8 +198,8 @@ class CoordinatorConnection:
         delay = 0.5
         tls_refusals = 0
         while True:
-            if self.run_over_reason is not None:
-                raise RunIsOver(self.run_over_reason)
+            if self.run_finished_reason is not None:
+                raise RunFinished(self.run_finished_reason)
             try:
                 return call()
             except grpc.RpcError as error:
@@ -255,7 +253,7 @@ class CoordinatorConnection:
         return JoinInfo(reply.client_id, reply.run_config_json, reply.partition_index, reply.num_partitions,
                         reply.partition_fingerprint, reply.run_id, reply.heartbeat_interval_ms / 1000 or 5.0)
 
-    def next_task(self, client_id: str, expected: ExpectedTensors | None = None) -> ReceivedTask | WaitHint | RunOver:
+    def next_task(self, client_id: str, expected: ExpectedTensors | None = None) -> ReceivedTask | WaitHint:
         """Long poll for work. With ``expected``, a task is checked as strictly as the coordinator checks
         uploads: its header before the payload is read, its values once it is whole (InvalidTask)."""
         request = pb.TaskRequest(protocol_version=PROTOCOL_VERSION, client_id=client_id)
@@ -264,13 +262,13 @@ class CoordinatorConnection:
 
     @staticmethod
     def _receive_task(stream: Iterator[pb.TaskMessage],
-                      expected: ExpectedTensors | None) -> ReceivedTask | WaitHint | RunOver:
+                      expected: ExpectedTensors | None) -> ReceivedTask | WaitHint:
         first = next(stream)
         kind = first.WhichOneof("kind")
         if kind == "wait":
-            return WaitHint(first.wait.retry_after_ms, first.wait.reason)
+            return WaitHint(first.wait.reason)
         if kind == "finished":
-            return RunOver(first.finished.rounds_completed, first.finished.reason)
+            raise RunFinished(first.finished.reason, first.finished.rounds_completed)
         if kind != "header":
             raise RuntimeError(f"coordinator sent {kind!r} before a task header")
         header = first.header

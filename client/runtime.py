@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import grpc
 import torch
 from safetensors.torch import save_file
 
-from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask, RunIsOver,
-                               RunOver, WaitHint)
+from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask,
+                               RunFinished, WaitHint)
 from client.trainer import LocalTrainer
 from common.config import RunConfig
 from common.federated_data import fingerprint, partition_dataset
@@ -118,15 +117,12 @@ def run_client(options: ClientOptions) -> int:
                         raise
                     log.warning("%s; fetching it again", damaged)
                     continue
-                if isinstance(task, RunOver):
-                    log.info("run over after %d rounds: %s", task.rounds_completed, task.reason)
-                    return 0
-                if isinstance(task, WaitHint):
-                    time.sleep(task.retry_after_ms / 1000)
+                if isinstance(task, WaitHint):       # not sampled: the long poll already waited
                     continue
                 _do_round(connection, session, trainer, task, options)
-            except RunIsOver as over:
-                log.info("run over: %s", over)
+            except RunFinished as finished:
+                after = "" if finished.rounds_completed is None else f" after {finished.rounds_completed} rounds"
+                log.info("run over%s: %s", after, finished.reason)
                 return 0
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.NOT_FOUND:

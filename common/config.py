@@ -19,6 +19,11 @@ from typing import Any, get_type_hints
 
 import yaml
 
+TASK_CLASSIFICATION = "sequence_classification"
+TASK_MULTIPLE_CHOICE = "multiple_choice"
+TASK_NAMES = (TASK_CLASSIFICATION, TASK_MULTIPLE_CHOICE)
+"""``task:`` values; common/tasks.py holds a loader for each, common/modeling.py a head."""
+
 AUTO_TARGET_MODULES = "auto"
 """``target_modules: auto``: LoRA targets chosen from the model family (config.model_type)."""
 
@@ -83,7 +88,7 @@ class ModelConfig:
 class DataConfig:
     """Which data, how it is split into train / eval, and how it is partitioned."""
 
-    task: str = "sequence_classification"
+    task: str = TASK_CLASSIFICATION
     """sequence_classification (text_column + label_column) or multiple_choice (HellaSwag's schema:
     ctx_a, ctx_b, endings, label, activity_label)."""
     dataset: str = "bbc_news"
@@ -105,7 +110,7 @@ class DataConfig:
     max_length: int = 64
 
     def __post_init__(self) -> None:
-        _require(self.task in ("sequence_classification", "multiple_choice"),
+        _require(self.task in TASK_NAMES,
                  f"task={self.task!r}: use sequence_classification or multiple_choice")
         _require(self.partitioning in ("dirichlet", "iid"), f"partitioning={self.partitioning!r}: use dirichlet or iid")
         _require(isinstance(self.num_clients, int) and self.num_clients >= 1,

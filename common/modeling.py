@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 
 from common.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX
-from common.config import AUTO_TARGET_MODULES, ConfigError, DataConfig, ModelConfig
+from common.config import (AUTO_TARGET_MODULES, TASK_CLASSIFICATION, TASK_MULTIPLE_CHOICE, ConfigError, DataConfig,
+                           ModelConfig)
 from common.gguf_models import ensure_smollm2
 from common.hf_quiet import quiet_transformers
 from common.scoring import CONTEXT_KEEPS_END, CONTEXT_KEEPS_START, choice_loss, choice_scores, encode_choices
@@ -67,9 +68,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-TASK_CLASSIFICATION = "sequence_classification"
-TASK_MULTIPLE_CHOICE = "multiple_choice"
 
 CLASSIFICATION_HEAD = "classification_head"
 MULTIPLE_CHOICE_HEAD = "multiple_choice_head"

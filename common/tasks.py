@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, DataConfig
+from common.config import TASK_CLASSIFICATION, TASK_MULTIPLE_CHOICE, ConfigError, DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def _common_num_choices(rows: list[dict], cfg: DataConfig) -> int:
 TaskLoader = Callable[[DataConfig, int], TaskData]
 
 TASKS: dict[str, TaskLoader] = {
-    "sequence_classification": _load_sequence_classification,
-    "multiple_choice": _load_multiple_choice,
+    TASK_CLASSIFICATION: _load_sequence_classification,
+    TASK_MULTIPLE_CHOICE: _load_multiple_choice,
 }
 """DataConfig.task -> loader. A new task is one more loader here (and one more branch in modeling)."""

@@ -20,6 +20,14 @@ AUTHORIZATION_KEY = "authorization"
 gRPC metadata keys must be."""
 
 
+KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),          # an HTTP/2 ping after 10 s without traffic...
+    ("grpc.keepalive_timeout_ms", 10_000),       # ...and the transport is dead if it goes unanswered for 10 s
+    ("grpc.keepalive_permit_without_calls", 1),  # also between calls: a cut link is found within ~20 s
+)
+"""gRPC channel options both ends use, so that each detects a dead peer the same way (RELIABILITY.md)."""
+
+
 def bearer(token: str) -> str:
     """The value sent under AUTHORIZATION_KEY: ``Bearer <token>``."""
     return f"Bearer {token}"

@@ -17,6 +17,7 @@ from common.config import ConfigError, RunConfig
 from common.federated_data import fingerprint, partition_dataset
 from common.partition import partition_stats
 from common.tasks import load_task_data
+from proto import KEEPALIVE_OPTIONS
 from proto import federation_pb2_grpc as pb_grpc
 from server.coordinator import Coordinator
 from server.global_model import ServerModel
@@ -92,10 +93,8 @@ def start_grpc_server(coordinator: Coordinator, fingerprints: list[str], address
     workers = max(16, 3 * len(fingerprints) + 8)   # each client holds a long poll and a keep-alive stream
     interceptors = [TokenInterceptor(security.token)] if security.token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors, options=[
-        ("grpc.keepalive_time_ms", 10_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        *KEEPALIVE_OPTIONS,
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),   # accept the clients' 10 s pings
     ])
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, fingerprints), server)
     health_servicer = health.HealthServicer()

@@ -44,7 +44,7 @@ from server.rounds import DEADLINE_REASON, ClosedRound, RoundState, UploadStats,
 log = logging.getLogger(__name__)
 
 
-class RunStopped(Exception):
+class StopRequested(Exception):
     """The operator asked the coordinator to stop (SIGTERM, Ctrl-C) before the last round."""
 
 
@@ -71,12 +71,11 @@ class Task:
 
 @dataclass(frozen=True)
 class WaitHint:
-    retry_after_ms: int
     reason: str
 
 
 @dataclass(frozen=True)
-class Finished:
+class RunFinished:
     rounds_completed: int
     reason: str
 
@@ -113,7 +112,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._round: RoundState | None = None
-        self._finished: Finished | None = None
+        self._finished: RunFinished | None = None
         self._completed_rounds = 0
         self._best_accuracy = -math.inf
         self._stop_requested = False
@@ -170,7 +169,7 @@ class Coordinator:
             with self._changed:
                 self._changed.notify_all()   # the round waiter drops the client now, not at the deadline
 
-    def finished_for(self, client_id: str) -> Finished | None:
+    def finished_for(self, client_id: str) -> RunFinished | None:
         """The run's end, once over, recording that this client has been told."""
         with self._changed:
             if self._finished is None:
@@ -193,7 +192,7 @@ class Coordinator:
     def heartbeat_interval_s(self) -> float:
         return max(0.5, self.config.federation.heartbeat_timeout_s / 4)
 
-    def next_task(self, client_id: str, timeout_s: float | None = None) -> Task | WaitHint | Finished:
+    def next_task(self, client_id: str, timeout_s: float | None = None) -> Task | WaitHint | RunFinished:
         """Long poll: block until this client has work, the run is over, or the poll times out."""
         record = self.registry.get(client_id)
         deadline = time.monotonic() + (self.poll_timeout_s if timeout_s is None else timeout_s)
@@ -212,7 +211,7 @@ class Coordinator:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     reason = "not sampled this round" if current is not None else "waiting for clients to join"
-                    return WaitHint(retry_after_ms=0, reason=reason)
+                    return WaitHint(reason=reason)
                 self._changed.wait(remaining)
 
     def check_upload_header(self, client_id: str, round_index: int, num_examples: int,
@@ -299,15 +298,15 @@ class Coordinator:
             self._wait_for_clients(wait_for_clients_s)
             for round_index in range(self._completed_rounds + 1, num_rounds + 1):
                 if self._stop_requested:
-                    raise RunStopped(f"stop requested before round {round_index}")
+                    raise StopRequested(f"stop requested before round {round_index}")
                 self._run_round(round_index)
             summary = {**summarize(self.run_dir.read_metrics()), "status": "completed"}
             self.run_dir.write_json("summary.json", summary)
             self._finish(f"all {num_rounds} rounds completed")
             return summary
-        except (RunStopped, QuorumLost) as stop:
+        except (StopRequested, QuorumLost) as stop:
             log.error("%s", stop)
-            status = "stopped" if isinstance(stop, RunStopped) else "quorum_lost"
+            status = "stopped" if isinstance(stop, StopRequested) else "quorum_lost"
             summary = {**summarize(self.run_dir.read_metrics()), "status": status, "stopped_early": str(stop)}
             self.run_dir.write_json("summary.json", summary)
             self._finish(str(stop))
@@ -318,7 +317,7 @@ class Coordinator:
 
     def _finish(self, reason: str) -> None:
         with self._changed:
-            self._finished = Finished(rounds_completed=self._completed_rounds, reason=reason)
+            self._finished = RunFinished(rounds_completed=self._completed_rounds, reason=reason)
             self._changed.notify_all()
 
     def _wait_for_clients(self, timeout_s: float) -> None:
@@ -328,7 +327,7 @@ class Coordinator:
         with self._changed:
             while self.registry.num_joined() < needed:
                 if self._stop_requested:
-                    raise RunStopped("stop requested while waiting for clients")
+                    raise StopRequested("stop requested while waiting for clients")
                 joined = self.registry.num_joined()
                 if joined != last_logged:
                     log.info("waiting for clients: %d of %d joined", joined, needed)
@@ -421,7 +420,7 @@ class Coordinator:
                 if len(current.updates) + len(current.dropped) >= len(current.sampled):
                     break
                 if self._stop_requested:
-                    raise RunStopped(f"stop requested during round {round_index}; it was not committed")
+                    raise StopRequested(f"stop requested during round {round_index}; it was not committed")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     for cid in current.sampled:

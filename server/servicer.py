@@ -13,7 +13,7 @@ from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
                          trailer_to_proto)
-from server.coordinator import Coordinator, Finished, Task
+from server.coordinator import Coordinator, RunFinished, Task
 from server.rounds import UploadStats
 from server.errors import BadRequest, CoordinatorError, CorruptPayload, VersionMismatch
 
@@ -57,7 +57,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             task = self.coordinator.next_task(request.client_id)
         except CoordinatorError as error:
             _abort(context, error)
-        if isinstance(task, Finished):
+        if isinstance(task, RunFinished):
             self.coordinator.finished_for(request.client_id)
             yield pb.TaskMessage(finished=pb.RunFinished(rounds_completed=task.rounds_completed, reason=task.reason))
         elif isinstance(task, Task):
@@ -68,7 +68,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 yield pb.TaskMessage(chunk=chunk)
             yield pb.TaskMessage(trailer=trailer_to_proto(task.buffer))
         else:
-            yield pb.TaskMessage(wait=pb.Wait(retry_after_ms=task.retry_after_ms, reason=task.reason))
+            yield pb.TaskMessage(wait=pb.Wait(reason=task.reason))
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage], context: grpc.ServicerContext) -> pb.SubmitReply:
         """Header checked in full (round, claimed size, tensor names, shapes, dtypes, total size) before any
@@ -89,7 +89,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(context, BadRequest(str(error)))
         except CoordinatorError as error:
             _abort(context, error)
-        return pb.SubmitReply(accepted=True, message=f"round {header.round} update accepted",
+        return pb.SubmitReply(message=f"round {header.round} update accepted",
                               bytes_received=len(buffer))
 
     def KeepAlive(self, request_iterator: Iterator[pb.Heartbeat], context: grpc.ServicerContext) -> pb.KeepAliveReply:

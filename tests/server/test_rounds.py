@@ -56,7 +56,7 @@ def test_unsampled_repeated_and_late_uploads_are_rejected_and_change_nothing(tmp
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "was not sampled in round 1" in error.details()
         assert current.updates == {}
 
-        assert clients[sampled_id].submit(sampled_id, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
+        assert clients[sampled_id].submit(sampled_id, 1, 10, task.tensors, 0.1, 1.0, 1).bytes_received > 0
         error = _rejection(lambda: clients[sampled_id].submit(sampled_id, 1, 10, task.tensors, 0.1, 1.0, 1))
         assert error.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -85,13 +85,13 @@ def test_below_quorum_retries_with_a_fresh_sample_of_connected_clients(tmp_path)
         lost, kept = list(first.sampled)
         live.coordinator.keepalive(lost, is_open=False)
         task = clients[kept].next_task(kept)
-        assert clients[kept].submit(kept, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
+        assert clients[kept].submit(kept, 1, 10, task.tensors, 0.1, 1.0, 1).bytes_received > 0
 
         retry = _wait_round(live, 1, attempt=1)
         assert lost not in retry.sampled and len(retry.sampled) == 2
         for cid in retry.sampled:
             task = clients[cid].next_task(cid)
-            assert clients[cid].submit(cid, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
+            assert clients[cid].submit(cid, 1, 10, task.tensors, 0.1, 1.0, 1).bytes_received > 0
         live.driver.join(timeout=30)
     finally:
         for connection in clients.values():
@@ -113,7 +113,7 @@ def test_a_straggler_past_the_deadline_is_dropped_and_listed(tmp_path):
         _wait_round(live, 1)
         fast = next(cid for cid, c in clients.items() if live.coordinator.registry.find(cid).name == "fast")
         task = clients[fast].next_task(fast)
-        assert clients[fast].submit(fast, 1, 10, task.tensors, 0.1, 1.0, 1).accepted
+        assert clients[fast].submit(fast, 1, 10, task.tensors, 0.1, 1.0, 1).bytes_received > 0
         live.driver.join(timeout=30)
     finally:
         for connection in clients.values():
