@@ -23,7 +23,7 @@ RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(RO
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
-	@echo "              METHOD=fedavg|svd|fedsvd|subspace_reg ROUNDS=N CLIENTS=N CONFIG=file ARGS='key=value ...'"
+	@echo "              METHOD=name (python -m server --help lists them) ROUNDS=N CLIENTS=N CONFIG=file ARGS='key=value ...'"
 	@echo "make experiment  every (model, method, seed) of a grid as a real federation, then its report"
 	@echo "              GRID=configs/grid_cpu.yaml GRID_ARGS='--dry-run | --only method=fedavg | --keep-going'"
 	@echo "make report   tables (summary.md, summary.csv) and plots over run directories: RUNS=dir OUT=dir"

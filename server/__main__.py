@@ -17,12 +17,19 @@ EXIT_CODES = {"completed": 0, "stopped": 0, "quorum_lost": 1}
 """A run stopped by the operator (SIGTERM) ended as asked; one that lost its quorum failed."""
 
 
+def _method_names() -> tuple[str, ...]:
+    from common.methods import method_names   # the registry (imports torch): the one list of methods
+
+    return method_names()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m server",
         description="Run the federated LoRA coordinator: it waits for num_clients clients, samples them each "
                     "round, aggregates their LoRA factors and evaluates the global adapter.",
-        epilog="Example: python -m server --config configs/minilm_bbc.yaml --address 0.0.0.0:50051 "
+        epilog="Methods (method=NAME, common/methods/): " + ", ".join(_method_names()) + ". "
+               "Example: python -m server --config configs/minilm_bbc.yaml --address 0.0.0.0:50051 "
                "method=fedavg num_rounds=5",
     )
     parser.add_argument("--config", help="flat YAML run configuration (see configs/); defaults if omitted")
