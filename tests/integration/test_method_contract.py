@@ -170,3 +170,21 @@ def test_the_wire_carrying_each_fact_once_gives_the_same_global_adapter_as_the_f
         assert sum(now_bytes) < sum(before_bytes), (now_bytes, before_bytes)
     else:
         assert now_bytes == before_bytes
+
+
+def test_the_registry_is_the_one_list_of_methods():
+    import subprocess
+    import sys
+
+    from common.config import ConfigError, RunConfig
+    from common.methods import method_names
+    from experiments.report import method_label
+    from tests.integration.harness import ROOT
+
+    assert "fedavg_of_b" in method_names() and method_label("fedavg_of_b") == "FedAvg (B only)"
+    assert RunConfig.from_flat({"method": "fedavg_of_b"}).federation.method == "fedavg_of_b"
+    with pytest.raises(ConfigError, match="use one of fedavg, svd, fedsvd, subspace_reg"):
+        RunConfig.from_flat({"method": "fedprox"})
+    shown = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, PLUGIN_ENV: __name__}).stdout
+    assert "fedavg_of_b" in shown.replace("\n", " ") and "subspace_reg" in shown
