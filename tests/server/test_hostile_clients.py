@@ -15,7 +15,7 @@ from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto.serde import CHUNK_BYTES, chunks_to_proto, specs_to_proto, trailer_to_proto
 from tests.server.conftest import small_state, start_live_coordinator
-from tests.server.test_bad_input import _assert_untouched
+from tests.server.test_bad_input import _assert_untouched, round_open  # noqa: F401  (a fixture)
 from tests.server.test_rounds import _lines, _wait_round
 
 
@@ -32,20 +32,9 @@ def _stream(header: pb.UpdateHeader, buffer: bytes):
     yield pb.UpdateMessage(trailer=trailer_to_proto(buffer))
 
 
-@pytest.fixture
-def one_client_round(tmp_path):
-    live = start_live_coordinator(tmp_path, small_state())     # one client, partition of 10 examples
-    connection = CoordinatorConnection(live.address, patience_s=10)
-    info = connection.join("client-0", 0)
-    task = connection.next_task(info.client_id)
-    yield live, connection, info.client_id, task.tensors
-    connection.close()
-    live.stop()
-
-
 @pytest.mark.parametrize("claimed", [10**12, 11, 9])
-def test_an_upload_must_claim_exactly_the_partition_the_coordinator_handed_out(one_client_round, claimed):
-    live, connection, client_id, tensors = one_client_round
+def test_an_upload_must_claim_exactly_the_partition_the_coordinator_handed_out(round_open, claimed):
+    live, connection, client_id, tensors = round_open
     header, buffer = _header(client_id, tensors, num_examples=claimed)
     with pytest.raises(grpc.RpcError) as raised:
         connection.stub.SubmitUpdate(_stream(header, buffer), timeout=10)
@@ -57,8 +46,8 @@ def test_an_upload_must_claim_exactly_the_partition_the_coordinator_handed_out(o
     assert connection.stub.SubmitUpdate(_stream(header, buffer), timeout=10).bytes_received > 0
 
 
-def test_a_huge_declared_upload_is_refused_from_its_header_before_any_payload_byte(one_client_round):
-    live, connection, client_id, tensors = one_client_round
+def test_a_huge_declared_upload_is_refused_from_its_header_before_any_payload_byte(round_open):
+    live, connection, client_id, tensors = round_open
     # The right tensor names, but lora_A declared as 512 MiB; the payload generator counts what gRPC pulled.
     huge = {**tensors, "layer.lora_A.weight": torch.empty(0)}
     specs, _ = encode_tensors(huge)
@@ -88,8 +77,8 @@ def test_a_huge_declared_upload_is_refused_from_its_header_before_any_payload_by
     _assert_untouched(live)
 
 
-def test_a_second_concurrent_upload_stream_from_one_client_is_refused(one_client_round):
-    live, connection, client_id, tensors = one_client_round
+def test_a_second_concurrent_upload_stream_from_one_client_is_refused(round_open):
+    live, connection, client_id, tensors = round_open
     header, buffer = _header(client_id, tensors)
     release = threading.Event()
 
