@@ -72,6 +72,14 @@ class Federation:
         self.port = int(address.rsplit(":", 1)[1])
         return address
 
+    def start(self, clients: int) -> str:
+        """The coordinator, then clients 0..clients-1 once it listens; returns its address."""
+        self.start_coordinator()
+        address = self.wait_address()
+        for i in range(clients):
+            self.start_client(i)
+        return address
+
     def client_address(self) -> str:
         return f"{self.host}:{self.port}"
 

@@ -99,10 +99,7 @@ def _final_adapter(run_dir, rounds: int) -> dict[str, torch.Tensor]:
 def _uninterrupted_final_adapter(workdir, config: dict, clients: int) -> dict[str, torch.Tensor]:
     """The reference a resumed run must equal bit for bit: the same config, never interrupted."""
     with Federation(workdir, config) as reference:
-        reference.start_coordinator()
-        reference.wait_address()
-        for i in range(clients):
-            reference.start_client(i)
+        reference.start(clients)
         assert reference.finish() == 0
         return _final_adapter(reference.run_dir, config["num_rounds"])
 
@@ -113,10 +110,7 @@ def test_coordinator_kill9_and_resume_matches_an_uninterrupted_run_bit_for_bit(t
     expected = _uninterrupted_final_adapter(tmp_path / "straight", config, clients=3)
 
     with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
-        federation.start_coordinator()
-        federation.wait_address()
-        for i in range(3):
-            federation.start_client(i)
+        federation.start(3)
         federation.wait_for(lambda: len(federation.metrics()) >= 2, 240, "two committed rounds",
                             watch=federation.coordinator)
         federation.coordinator.kill()                  # kill -9: no chance to clean up
@@ -166,10 +160,7 @@ def test_coordinator_kill9_before_the_first_commit_and_resume_keeps_the_same_cli
     expected = _uninterrupted_final_adapter(tmp_path / "straight", config, clients=4)
 
     with Federation(tmp_path / "crashed", config, port=free_port()) as federation:
-        federation.start_coordinator()
-        federation.wait_address()
-        for i in range(4):
-            federation.start_client(i)
+        federation.start(4)
         federation.wait_for(lambda: federation.round_opened(1), 240, "round 1 to be sampled",
                             watch=federation.coordinator)
         federation.coordinator.kill()

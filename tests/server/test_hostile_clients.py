@@ -4,6 +4,7 @@ Every refusal leaves the round as it was, and honest clients still commit it."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -147,12 +148,23 @@ def test_without_a_cap_own_data_may_claim_at_most_the_largest_partition(tmp_path
         live.stop()
 
 
+@contextmanager
+def _clients_of(live, count: int):
+    """``count`` connections to a live coordinator; all closed, and the coordinator stopped, at the end."""
+    connections = [CoordinatorConnection(live.address, patience_s=10) for _ in range(count)]
+    try:
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+        live.stop()
+
+
 def test_a_retry_samples_only_live_sessions(tmp_path):
     # 3 clients, 2 sampled, quorum 2. c-silent joined but never opened its keep-alive: a retry must not pick it.
     live = start_live_coordinator(tmp_path, small_state(), num_clients=3, client_fraction=0.6, num_rounds=1,
                                   min_clients_per_round=2, quorum_policy="retry", max_round_retries=3)
-    connections = [CoordinatorConnection(live.address, patience_s=10) for _ in range(3)]
-    try:
+    with _clients_of(live, 3) as connections:
         ids = [c.join(f"c{i}", i).client_id for i, c in enumerate(connections)]
         first = _wait_round(live, 1)
         silent = ids[2]
@@ -175,10 +187,6 @@ def test_a_retry_samples_only_live_sessions(tmp_path):
             if cid in retry.sampled:
                 assert connection.submit(cid, 1, 10, connection.next_task(cid).tensors, 0.1, 1.0, 1).bytes_received > 0
         live.driver.join(timeout=30)
-    finally:
-        for connection in connections:
-            connection.close()
-        live.stop()
     (line,) = _lines(live)
     assert line["attempt"] == 1 and "c2" not in line["participants"]
 
@@ -190,8 +198,7 @@ def test_an_update_above_client_update_clip_norm_is_clipped_before_weighting_and
     state = small_state()
     live = start_live_coordinator(tmp_path, state, num_clients=2, client_fraction=1.0, num_rounds=1,
                                   client_update_clip_norm=1.0, lora_rank=2, lora_alpha=2.0)
-    connections = [CoordinatorConnection(live.address, patience_s=10) for _ in range(2)]
-    try:
+    with _clients_of(live, 2) as connections:
         ids = [c.join(name, i).client_id for i, (name, c) in enumerate(zip(["big", "small"], connections))]
         _wait_round(live, 1)
         task = connections[0].next_task(ids[0]).tensors
@@ -201,10 +208,6 @@ def test_an_update_above_client_update_clip_norm_is_clipped_before_weighting_and
         connections[1].next_task(ids[1])
         assert connections[1].submit(ids[1], 1, 10, small, 0.1, 1.0, 1).bytes_received > 0
         live.driver.join(timeout=30)
-    finally:
-        for connection in connections:
-            connection.close()
-        live.stop()
     (line,) = _lines(live)
     assert line["clipped_clients"] == ["big"]
     assert line["client_update_norms"]["big"] > 1.0 > line["client_update_norms"]["small"]
