@@ -24,6 +24,12 @@ TASK_MULTIPLE_CHOICE = "multiple_choice"
 TASK_NAMES = (TASK_CLASSIFICATION, TASK_MULTIPLE_CHOICE)
 """``task:`` values; common/tasks.py holds a loader for each, common/modeling.py a head."""
 
+SAMPLING_SEED_SCHEMES = ("independent", "seed_plus_round")
+"""``sampling_seeds:`` values (common/sampling.py)."""
+
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+"""``wire_dtype:`` values: what factors travel in."""
+
 AUTO_TARGET_MODULES = "auto"
 """``target_modules: auto``: LoRA targets chosen from the model family (config.model_type)."""
 
@@ -193,6 +199,21 @@ class FederationConfig:
     max_round_retries: int = 3
     heartbeat_timeout_s: float = 30.0
     """A client whose heartbeats stop for this long is dropped from the open round."""
+    sampling_seeds: str = "independent"
+    """How round t's client sample is seeded: ``independent`` (a generator seeded from the pair (seed, t)
+    through numpy's SeedSequence, so that seeds 42 and 43 draw unrelated sequences) or ``seed_plus_round``
+    (seed + t, the reference study's scheme: seed 43's round t samples seed 42's round t + 1; for exact
+    reproduction of the study, which configs/roberta_large_hellaswag.yaml and the other reference configs set)."""
+    wire_dtype: str = "float32"
+    """float32, bfloat16 or float16: the dtype the factors (and every other tensor of a task or an upload)
+    travel in, both ways. The coordinator keeps the global adapter at what the wire carries (rounded to this
+    dtype) and computes the server step in float64 as always."""
+    client_ranks: list[int] | None = None
+    """Heterogeneous client ranks: the LoRA rank of each partition's client (one entry per client, each
+    <= lora_rank). null: every client trains at lora_rank, unless it asks for less with its own --rank.
+    A client of rank r_i receives the first r_i rank components of the global factors (for svd and
+    subspace_reg the top r_i singular directions; for the others the first r_i, HetLoRA's baseline) and
+    its upload is zero-padded to lora_rank before aggregation, which leaves its product unchanged."""
 
     def __post_init__(self) -> None:
         from common.methods import method_names   # the registry is the one list of methods (imports torch)
@@ -220,6 +241,12 @@ class FederationConfig:
         _require(self.max_round_retries >= 0, f"max_round_retries={self.max_round_retries!r}: must be >= 0")
         _require(self.heartbeat_timeout_s >= 1.0,
                  f"heartbeat_timeout_s={self.heartbeat_timeout_s!r}: must be at least 1 second")
+        _require(self.sampling_seeds in SAMPLING_SEED_SCHEMES,
+                 f"sampling_seeds={self.sampling_seeds!r}: use {' or '.join(SAMPLING_SEED_SCHEMES)}")
+        _require(self.wire_dtype in WIRE_DTYPES, f"wire_dtype={self.wire_dtype!r}: use {', '.join(WIRE_DTYPES)}")
+        _require(self.client_ranks is None or (len(self.client_ranks) > 0 and all(
+                     isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.client_ranks)),
+                 f"client_ranks={self.client_ranks!r}: must be null or a list of positive integers, one per client")
 
     def clients_per_round(self, num_clients: int) -> int:
         """m = ceil(N * client_fraction), at least 1."""
@@ -248,6 +275,15 @@ def _field_owner() -> dict[str, str]:
     return owner
 
 
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    as_float = float(value)
+    if not as_float.is_integer():
+        raise ValueError(value)
+    return int(as_float)
+
+
 def _coerce(cls: type, key: str, value: Any) -> Any:
     """Turn YAML / CLI values into the field's type (ints given as floats, '1e-4' strings, ...)."""
     hint = get_type_hints(cls)[key]
@@ -265,16 +301,16 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
                 return lowered in ("true", "1", "yes")
             return bool(value)
         if hint is int or text.startswith("int"):
-            as_float = float(value)
-            if not as_float.is_integer():
-                raise ValueError(value)
-            return int(as_float)
+            return _whole_number(value)
         if hint is float or text.startswith("float"):
             return float(value)
         if text.startswith("list"):
             if isinstance(value, str):
-                return [part.strip() for part in value.split(",") if part.strip()]
-            return list(value)
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            items = list(value)
+            if text.startswith("list[int]"):
+                return [_whole_number(item) for item in items]
+            return items
         return str(value) if hint is str or text.startswith("str") else value
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r}: expected {text}") from None
@@ -288,6 +324,24 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        ranks = self.federation.client_ranks
+        if ranks is not None:
+            _require(len(ranks) == self.data.num_clients,
+                     f"client_ranks has {len(ranks)} entries for num_clients={self.data.num_clients}; "
+                     f"give one rank per client")
+            _require(max(ranks) <= self.model.lora_rank,
+                     f"client_ranks={ranks}: every rank must be <= lora_rank={self.model.lora_rank} "
+                     f"(the global adapter's rank); raise lora_rank or lower the client ranks")
+
+    def client_rank(self, partition: int, requested: int = 0) -> int:
+        """The LoRA rank the client of ``partition`` trains at: its entry in client_ranks, else what the client
+        asked for (its --rank; 0: nothing asked), else lora_rank."""
+        ranks = self.federation.client_ranks
+        if ranks is not None and 0 <= partition < len(ranks):
+            return ranks[partition]
+        return requested or self.model.lora_rank
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
