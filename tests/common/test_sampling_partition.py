@@ -15,33 +15,82 @@ from common.sampling import sample_clients
 # --------------------------------------------------------------------------- sampling
 
 
+SCHEMES = ("independent", "seed_plus_round")
+
+
 @settings(max_examples=40, deadline=None)
-@given(num_clients=st.integers(1, 50), data=st.data(), seed=st.integers(0, 10**6), round_index=st.integers(0, 100))
-def test_sample_is_sorted_unique_and_deterministic(num_clients, data, seed, round_index) -> None:
+@given(num_clients=st.integers(1, 50), data=st.data(), seed=st.integers(0, 10**6), round_index=st.integers(0, 100),
+       scheme=st.sampled_from(SCHEMES))
+def test_sample_is_sorted_unique_and_deterministic(num_clients, data, seed, round_index, scheme) -> None:
     m = data.draw(st.integers(1, num_clients))
-    chosen = sample_clients(num_clients, m, seed, round_index)
+    chosen = sample_clients(num_clients, m, seed, round_index, scheme=scheme)
     assert chosen == sorted(set(chosen)) and len(chosen) == m
     assert all(0 <= i < num_clients for i in chosen)
-    assert chosen == sample_clients(num_clients, m, seed, round_index)
+    assert chosen == sample_clients(num_clients, m, seed, round_index, scheme=scheme)
 
 
-def test_sample_independent_of_call_order_and_global_rng() -> None:
-    forward = [sample_clients(10, 3, 42, t) for t in range(20)]
-    backward = [sample_clients(10, 3, 42, t) for t in reversed(range(20))][::-1]
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sample_independent_of_call_order_and_global_rng(scheme) -> None:
+    forward = [sample_clients(10, 3, 42, t, scheme=scheme) for t in range(20)]
+    backward = [sample_clients(10, 3, 42, t, scheme=scheme) for t in reversed(range(20))][::-1]
     assert forward == backward
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    sample_clients(10, 3, 42, 5)
+    sample_clients(10, 3, 42, 5, scheme=scheme)
     assert torch.equal(torch.rand(3), expected)  # the global generator is untouched
+
+
+def test_seed_plus_round_is_the_reference_draw_bit_for_bit() -> None:
+    # The study's scheme: a torch.Generator seeded with seed + round, the first m of randperm, sorted.
+    for seed, t in [(42, 0), (42, 5), (43, 19), (0, 0), (7, 100)]:
+        generator = torch.Generator(device="cpu").manual_seed(seed + t)
+        reference = sorted(int(i) for i in torch.randperm(10, generator=generator)[:3])
+        assert sample_clients(10, 3, seed, t, scheme="seed_plus_round") == reference
     # Same seed + round sum gives the same draw (the generator is seeded with seed + round).
-    assert sample_clients(10, 3, 40, 7) == sample_clients(10, 3, 42, 5)
+    assert sample_clients(10, 3, 40, 7, scheme="seed_plus_round") == sample_clients(10, 3, 42, 5,
+                                                                                    scheme="seed_plus_round")
+    # Hence seed 43's schedule is seed 42's shifted by one round: what "independent" avoids.
+    shifted = [sample_clients(10, 3, 42, t + 1, scheme="seed_plus_round") for t in range(20)]
+    assert [sample_clients(10, 3, 43, t, scheme="seed_plus_round") for t in range(20)] == shifted
+
+
+def test_seed_plus_round_rejects_an_int64_overflow() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        sample_clients(10, 3, 2**63 - 1, 1, scheme="seed_plus_round")
+
+
+def test_independent_is_the_default_and_deterministic() -> None:
+    first = [sample_clients(10, 3, 42, t) for t in range(20)]
+    assert first == [sample_clients(10, 3, 42, t, scheme="independent") for t in range(20)]
+    assert first == [sample_clients(10, 3, 42, t, scheme="independent") for t in range(20)]
+
+
+def test_independent_seeds_are_not_shifted_copies() -> None:
+    seed_42 = [sample_clients(10, 3, 42, t, scheme="independent") for t in range(21)]
+    seed_43 = [sample_clients(10, 3, 43, t, scheme="independent") for t in range(20)]
+    assert seed_43 != seed_42[1:]  # not seed 42's sequence shifted by one round
+    assert seed_43 != seed_42[:20]  # nor the same sequence
+    # Not even mostly: with 120 possible draws, two unrelated 20-round schedules agree on a few rounds at most.
+    assert sum(a == b for a, b in zip(seed_43, seed_42[1:])) <= 5
+
+
+def test_independent_accepts_seeds_beyond_int64() -> None:
+    # SeedSequence hashes any non-negative int, so seed + round cannot overflow the generator's int64.
+    chosen = sample_clients(10, 3, 2**63 - 1, 1, scheme="independent")
+    assert chosen == sorted(set(chosen)) and len(chosen) == 3
 
 
 def test_sample_varies_across_rounds_and_covers_clients() -> None:
-    draws = [tuple(sample_clients(10, 3, 42, t)) for t in range(30)]
-    assert len(set(draws)) > 10
-    assert set().union(*draws) == set(range(10))
+    for scheme in SCHEMES:
+        draws = [tuple(sample_clients(10, 3, 42, t, scheme=scheme)) for t in range(30)]
+        assert len(set(draws)) > 10
+        assert set().union(*draws) == set(range(10))
+
+
+def test_unknown_scheme_names_it_and_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"scheme='seed\+1'.*independent, seed_plus_round"):
+        sample_clients(10, 3, 42, 0, scheme="seed+1")
 
 
 @pytest.mark.parametrize("args, field", [
@@ -52,9 +101,10 @@ def test_sample_varies_across_rounds_and_covers_clients() -> None:
     ((5, 2, 42, -1), "round_index"),
     ((5, 2.0, 42, 0), "clients_per_round"),
 ])
-def test_sample_validation(args, field) -> None:
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sample_validation(args, field, scheme) -> None:
     with pytest.raises(ValueError, match=field):
-        sample_clients(*args)
+        sample_clients(*args, scheme=scheme)
 
 
 # --------------------------------------------------------------------------- partitioning
