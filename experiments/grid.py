@@ -7,6 +7,9 @@
     models:                                  # each: a name, optionally its own config and overrides
       - name: minilm
         overrides: {model_name: minilm}
+      - name: minilm-hetrank                 # a scenario: another entry, run for some of the methods
+        overrides: {model_name: minilm, client_ranks: [8, 2, 4, 8, 2, 4, 8, 2, 4, 8]}
+        methods: [fedavg, svd]               # a subset of the grid's methods (default: all of them)
     overrides: {num_rounds: 20}              # applied to every cell (before the model's own)
     launcher_args: []                        # extra options of scripts.local_federation, e.g. [--tiny-model]
     cell_timeout_s: 7200                     # the launcher's --timeout for one cell
@@ -14,6 +17,10 @@
 
 Every cell's configuration is resolved (and so validated) when the grid is loaded: a typo in
 an override fails before hours of runs, not in the ninth cell.
+
+A "model" entry is really a scenario: its name is the directory (and the report's section) of its
+cells, so the same model under other settings (heterogeneous client ranks, say) is a second entry,
+and its ``methods`` keeps it to the methods that scenario is meant to compare.
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ class ModelSpec:
     """Config overrides for this model's cells, applied after the grid's overrides."""
     launcher_args: list[str] = field(default_factory=list)
     """Extra launcher options for this model's cells, after the grid's launcher_args."""
+    methods: list[str] | None = None
+    """The methods of this entry's cells, a subset of the grid's methods (checked by GridConfig);
+    null: all of them. Lets a scenario (e.g. heterogeneous client ranks) run only where it is meaningful."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _SAFE_NAME.match(self.name):
@@ -78,6 +88,13 @@ class ModelSpec:
                              f"'.', '_' and '-', e.g. roberta-large")
         self.overrides = _mapping(f"models[{self.name}].overrides", self.overrides)
         self.launcher_args = _string_list(f"models[{self.name}].launcher_args", self.launcher_args)
+        if self.methods is not None:
+            where = f"models[{self.name}].methods"
+            if not isinstance(self.methods, list) or not self.methods \
+                    or not all(isinstance(m, str) for m in self.methods):
+                raise ValueError(f"{where}={self.methods!r}: expected a non-empty list of method names, "
+                                 f"e.g. [fedavg, svd], or no methods key for all of the grid's methods")
+            self.methods = list(self.methods)
         for key in ("method", "seed"):
             if key in self.overrides:
                 raise ValueError(f"models[{self.name}].overrides sets {key!r}, which the grid sets per cell; "
@@ -154,10 +171,13 @@ class GridConfig:
             raise ValueError("models: expected a non-empty list, e.g. [{name: minilm}]")
         self.models = [m if isinstance(m, ModelSpec) else ModelSpec.from_dict(i, m) for i, m in enumerate(self.models)]
         for name, items in (("methods", self.methods), ("seeds", self.seeds),
-                            ("models", [m.name for m in self.models])):
+                            ("models", [m.name for m in self.models]),
+                            *((f"models[{m.name}].methods", m.methods) for m in self.models if m.methods)):
             duplicates = sorted({str(item) for item in items if items.count(item) > 1})
             if duplicates:
                 raise ValueError(f"{name}: {', '.join(duplicates)} listed more than once")
+        for model in self.models:
+            self._check_model_methods(model)
         self.overrides = _mapping("overrides", self.overrides)
         for key in ("method", "seed"):
             if key in self.overrides:
@@ -167,9 +187,39 @@ class GridConfig:
             raise ValueError(f"cell_timeout_s={self.cell_timeout_s!r}: expected a positive number of seconds")
         if not isinstance(self.output_root, str) or not self.output_root:
             raise ValueError(f"output_root={self.output_root!r}: expected a directory, e.g. runs/cpu_grid")
-        # Resolving each model's configuration checks the config files and every override key now.
+        # Resolving each (model, method) configuration checks the config files, every override key and any
+        # method-specific rule (a method that rejects client_ranks, say) now, not when its cell comes up.
         for model in self.models:
-            self._resolve(model, self.methods[0], self.seeds[0])
+            for method in self.methods_of(model):
+                self._resolve(model, method, self.seeds[0])
+
+    def _check_model_methods(self, model: ModelSpec) -> None:
+        """An entry's methods must be registered and in the grid's list (which orders the cells and the report)."""
+        if model.methods is None:
+            return
+        where = f"models[{model.name}].methods"
+        unregistered = [m for m in model.methods if m not in method_names()]
+        if unregistered:
+            raise ValueError(f"{where}: unknown method(s) {', '.join(map(repr, unregistered))}; "
+                             f"use one of {', '.join(method_names())}")
+        outside = [m for m in model.methods if m not in self.methods]
+        if outside:
+            raise ValueError(f"{where}: {', '.join(map(repr, outside))} not in the grid's methods "
+                             f"({', '.join(self.methods)}); add them to the grid's methods or drop them here")
+
+    def methods_of(self, model: ModelSpec) -> list[str]:
+        """The methods of ``model``'s cells, in the grid's order: its own subset, else all of the grid's."""
+        if model.methods is None:
+            return list(self.methods)
+        return [m for m in self.methods if m in model.methods]
+
+    def describe(self) -> str:
+        """The grid's shape for progress lines: 'M models x K methods x S seeds', or per entry when they differ."""
+        counts = [len(self.methods_of(m)) for m in self.models]
+        if all(count == len(self.methods) for count in counts):
+            return f"{len(self.models)} models x {len(self.methods)} methods x {len(self.seeds)} seeds"
+        per_model = ", ".join(f"{m.name}: {count}" for m, count in zip(self.models, counts))
+        return f"{len(self.models)} models x methods ({per_model}) x {len(self.seeds)} seeds"
 
     @classmethod
     def load(cls, path: str | Path) -> "GridConfig":
@@ -206,7 +256,7 @@ class GridConfig:
         """Every (model, method, seed), models outermost: one model's table is complete before the next starts."""
         cells = []
         for model in self.models:
-            for method in self.methods:
+            for method in self.methods_of(model):
                 for seed in self.seeds:
                     overrides, config = self._resolve(model, method, seed)
                     launcher_args = (*self.launcher_args, *model.launcher_args)

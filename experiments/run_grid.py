@@ -110,6 +110,15 @@ def _matches(cell: Cell, only: dict[str, set[str]]) -> bool:
     return all(values[key] in allowed for key, allowed in only.items())
 
 
+def check_selection(grid: GridConfig, only: dict[str, set[str]]) -> None:
+    """Every --only value is in the grid, yet together they may match no cell when an entry runs only some
+    methods (model=minilm-hetrank with method=fedsvd): say so instead of running an empty grid."""
+    if not only or any(_matches(cell, only) for cell in grid.cells()):
+        return
+    entries = "; ".join(f"{m.name}: {', '.join(grid.methods_of(m))}" for m in grid.models)
+    raise ValueError(f"--only selects no cell: no entry runs that combination (methods per entry: {entries})")
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -185,10 +194,9 @@ def run_grid(grid: GridConfig, launcher: Sequence[str] = DEFAULT_LAUNCHER, only:
     durations: list[float] = []
     states = {cell.label: cell_state(cell) for cell in cells}
     to_run = sum(1 for cell in cells if not states[cell.label].finished)
-    shape = f"{len(grid.models)} models x {len(grid.methods)} methods x {len(grid.seeds)} seeds"
-    selected = f"{total} of {len(grid.models) * len(grid.methods) * len(grid.seeds)} cells selected by --only" \
-        if only else f"{total} cells"
-    say(f"grid: {shape}, {selected}: {total - to_run} finished, {to_run} to run; output {output_root}")
+    # Counted from the cells, not models x methods x seeds: an entry may run only some methods.
+    selected = f"{total} of {len(grid.cells())} cells selected by --only" if only else f"{total} cells"
+    say(f"grid: {grid.describe()}, {selected}: {total - to_run} finished, {to_run} to run; output {output_root}")
     for index, cell in enumerate(cells, start=1):
         state = states[cell.label]
         prefix = f"[cell {index}/{total}] {cell.label}"
@@ -258,6 +266,7 @@ def main(argv: list[str] | None = None, launcher: Sequence[str] = DEFAULT_LAUNCH
     try:
         grid = GridConfig.load(args.grid)
         only = parse_only(args.only, grid)
+        check_selection(grid, only)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -87,3 +87,57 @@ def test_missing_required_keys_and_files_are_named(tmp_path):
     path.write_text(yaml.safe_dump(_grid(outptu_root="x")))
     with pytest.raises(ValueError, match=f"{path}: unknown key 'outptu_root'; did you mean 'output_root'?"):
         GridConfig.load(path)
+
+
+# --------------------------------------------------------------------------- per-entry methods
+
+
+def _hetrank_grid(methods=("fedavg", "svd", "fedsvd", "subspace_reg"), entry_methods=("fedavg", "subspace_reg")):
+    ranks = [8, 2, 4, 8, 2, 4, 8, 2, 4, 8]
+    return _grid(methods=list(methods), seeds=[42, 43],
+                 models=[{"name": "minilm"},
+                         {"name": "minilm-hetrank", "methods": list(entry_methods),
+                          "overrides": {"num_clients": 10, "client_ranks": ranks}}])
+
+
+def test_an_entry_runs_only_its_own_methods_in_the_grids_order():
+    grid = GridConfig.from_dict(_hetrank_grid(entry_methods=("subspace_reg", "fedavg")))
+    cells = grid.cells()
+    assert len(cells) == 4 * 2 + 2 * 2
+    hetrank = [c for c in cells if c.model.name == "minilm-hetrank"]
+    # The grid's list orders the cells (and the report), whatever order the entry lists them in.
+    assert [(c.method, c.seed) for c in hetrank] == [("fedavg", 42), ("fedavg", 43),
+                                                     ("subspace_reg", 42), ("subspace_reg", 43)]
+    assert hetrank[0].run_dir == Path("runs/x/minilm-hetrank/fedavg/seed42")
+    assert hetrank[0].expected["client_ranks"] == [8, 2, 4, 8, 2, 4, 8, 2, 4, 8]
+    assert grid.methods_of(grid.models[0]) == ["fedavg", "svd", "fedsvd", "subspace_reg"]
+    assert grid.describe() == "2 models x methods (minilm: 4, minilm-hetrank: 2) x 2 seeds"
+
+
+def test_entries_without_methods_keep_the_full_product():
+    grid = GridConfig.from_dict(_grid(models=[{"name": "a"}, {"name": "b", "methods": ["fedavg", "subspace_reg"]}]))
+    assert len(grid.cells()) == 2 * 2 * 2
+    assert grid.describe() == "2 models x 2 methods x 2 seeds"
+
+
+@pytest.mark.parametrize("entry_methods, message", [
+    (["fedavgg"], r"models\[minilm-hetrank\]\.methods: unknown method\(s\) 'fedavgg'; use one of .*fedavg"),
+    (["fedavg", "svd"], r"models\[minilm-hetrank\]\.methods: 'svd' not in the grid's methods "
+                        r"\(fedavg, subspace_reg\); add them to the grid's methods or drop them here"),
+    ([], r"models\[minilm-hetrank\]\.methods=\[\]: expected a non-empty list of method names"),
+    ("fedavg", r"methods='fedavg': expected a non-empty list"),
+    (["fedavg", "fedavg"], r"models\[minilm-hetrank\]\.methods: fedavg listed more than once"),
+])
+def test_a_bad_entry_method_list_names_the_methods_and_the_fix(entry_methods, message):
+    values = _hetrank_grid(methods=("fedavg", "subspace_reg"))
+    values["models"][1]["methods"] = entry_methods
+    with pytest.raises(ValueError, match=message):
+        GridConfig.from_dict(values)
+
+
+def test_every_method_of_an_entry_is_resolved_at_load():
+    # client_ranks longer than num_clients fails for the entry's cells when the grid is loaded.
+    values = _hetrank_grid()
+    values["models"][1]["overrides"]["num_clients"] = 5
+    with pytest.raises(ValueError, match=r"models\[minilm-hetrank\]: .*client_ranks has 10 entries for num_clients=5"):
+        GridConfig.from_dict(values)

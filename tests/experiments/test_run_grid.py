@@ -130,3 +130,48 @@ def test_main_runs_the_grid_then_writes_the_report(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     summary = json.loads((tmp_path / "runs" / "minilm" / "fedavg" / "seed42" / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def _scenario_grid(tmp_path: Path) -> GridConfig:
+    return _grid(tmp_path, methods=["fedavg", "svd", "subspace_reg"], seeds=[42],
+                 models=[{"name": "minilm"}, {"name": "minilm-hetrank", "methods": ["svd"],
+                                              "overrides": {"num_clients": 10,
+                                                            "client_ranks": [8, 2, 4, 8, 2, 4, 8, 2, 4, 8]}}])
+
+
+def test_only_and_dry_run_follow_each_entrys_methods(tmp_path):
+    grid = _scenario_grid(tmp_path)
+    messages: list[str] = []
+    run_grid(grid, _launcher(tmp_path), dry_run=True, say=messages.append)
+    assert messages[0].startswith("grid: 2 models x methods (minilm: 3, minilm-hetrank: 1) x 1 seeds, 4 cells:")
+    assert [m.split(": ")[0] for m in messages[1:]] == [
+        "[cell 1/4] minilm/fedavg/seed42", "[cell 2/4] minilm/svd/seed42", "[cell 3/4] minilm/subspace_reg/seed42",
+        "[cell 4/4] minilm-hetrank/svd/seed42"]
+    assert "client_ranks=[8, 2, 4, 8, 2, 4, 8, 2, 4, 8]" in messages[4]
+
+    messages.clear()
+    run_grid(grid, _launcher(tmp_path), only=parse_only(["method=svd"], grid), dry_run=True, say=messages.append)
+    assert messages[0].startswith("grid: 2 models x methods (minilm: 3, minilm-hetrank: 1) x 1 seeds, "
+                                  "2 of 4 cells selected by --only")
+    assert "minilm/svd/seed42" in messages[1] and "minilm-hetrank/svd/seed42" in messages[2]
+    assert not (tmp_path / "calls.txt").exists()
+
+    result = run_grid(grid, _launcher(tmp_path), only=parse_only(["model=minilm-hetrank"], grid),
+                      say=lambda _: None)
+    assert result.ran == ["minilm-hetrank/svd/seed42"] and _calls(tmp_path) == ["minilm-hetrank/svd/seed42"]
+    stored = yaml.safe_load((tmp_path / "runs" / "minilm-hetrank" / "svd" / "seed42" / "config.yaml").read_text())
+    assert stored["client_ranks"] == [8, 2, 4, 8, 2, 4, 8, 2, 4, 8]
+
+
+def test_main_refuses_an_only_that_selects_no_cell(tmp_path, capsys):
+    grid_file = tmp_path / "grid.yaml"
+    grid = _scenario_grid(tmp_path)
+    grid_file.write_text(yaml.safe_dump({
+        "base_config": grid.base_config, "methods": grid.methods, "seeds": grid.seeds,
+        "output_root": grid.output_root, "overrides": grid.overrides,
+        "models": [{"name": m.name, "methods": m.methods, "overrides": m.overrides} for m in grid.models]}))
+    code = main(["--grid", str(grid_file), "--only", "model=minilm-hetrank", "--only", "method=fedavg", "--dry-run"],
+                launcher=_launcher(tmp_path))
+    assert code == 2 and not (tmp_path / "calls.txt").exists()
+    err = capsys.readouterr().err
+    assert "--only selects no cell" in err and "minilm-hetrank: svd" in err and "minilm: fedavg, svd, subspace_reg" in err
