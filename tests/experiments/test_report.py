@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.report import METRICS, main, write_report
+from experiments.report import METRICS, build_figures, collect_runs, group, main, write_report
 from tests.experiments.runs import round_line, summary_of, write_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -149,7 +149,8 @@ def test_plots_are_valid_pngs(report):
     import matplotlib.image
 
     names = sorted(p.name for p in report.plots)
-    assert names == ["minilm_accuracy.png", "minilm_alignment.png", "minilm_final_accuracy_per_seed.png"]
+    assert names == ["minilm_accuracy.png", "minilm_accuracy_vs_mb.png", "minilm_alignment.png", "minilm_bytes.png",
+                     "minilm_final_accuracy_per_seed.png"]
     for path in report.plots:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(path)
@@ -180,3 +181,120 @@ def test_cli_writes_the_report_and_fails_on_an_empty_root(tmp_path, capsys):
     assert main([str(tmp_path / "empty"), "--no-plots"]) == 1
     assert "no completed run" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
+
+
+# --------------------------------------------------------------------------- convergence and bytes
+# 20 rounds per run, so the early mean covers rounds 1..10 only and a round axis would get 2.5-ticks by default.
+# Per method and seed: accuracy per round and (bytes up, bytes down, residual bytes down) of every round.
+CONVERGENCE_RUNS = {
+    "fedavg": {
+        1: ([0.5, 0.6, 0.7, 0.8] + [0.9] * 6 + [0.95] * 10, (1_000_000, 2_000_000, 0)),
+        2: ([0.4, 0.5, 0.6, 0.7, 0.8] + [0.9] * 15, (1_000_000, 2_000_000, 0)),
+    },
+    "svd": {
+        1: ([0.5, 0.8] + [0.9] * 18, (1_000_000, 2_000_000, 0)),
+        2: ([0.5] * 20, (1_000_000, 2_000_000, 0)),
+    },
+    # Not a registered method (a prototype's runs): labelled by its name. It sends base-weight residuals.
+    "my_method": {1: ([0.5] * 20, (500_000, 1_500_000, 500_000))},
+}
+
+
+@pytest.fixture(scope="module")
+def convergence_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("convergence_runs")
+    for method, by_seed in CONVERGENCE_RUNS.items():
+        for seed, (accuracies, (up, down, residual)) in by_seed.items():
+            lines = [{**round_line(r, method, acc, bytes_up=up, bytes_down=down), "residual_bytes_down": residual}
+                     for r, acc in enumerate(accuracies, start=1)]
+            write_run(root / "conv" / method / f"seed{seed}", {"method": method, "seed": seed, "num_rounds": 20},
+                      lines, summary_of(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def convergence_report(convergence_root, tmp_path_factory):
+    return write_report(convergence_root, tmp_path_factory.mktemp("convergence_report"))
+
+
+def test_convergence_table_by_hand(convergence_report):
+    text = convergence_report.summary_md.read_text()
+    assert "### Convergence" in text
+    assert "| Method | n | Mean acc. rounds 1–10 | First round acc. ≥ 0.9 | MB sent by then | MB sent / round |" in text
+    # fedavg: rounds 1..10 average 0.8 (seed 1) and 0.75 (seed 2); 0.9 first at rounds 5 and 6, after
+    # 5 x 3 MB and 6 x 3 MB. std of two values a, b is |a - b| / sqrt(2).
+    assert "| FedAvg | 2 | 0.7750 ± 0.0354 | 5.5 ± 0.7 | 16.50 ± 2.12 | 3.00 ± 0.00 |" in text
+    # svd: 0.85 and 0.5 over rounds 1..10; only seed 1 reaches 0.9 (round 3, 9 MB).
+    assert "| SVD | 2 | 0.6750 ± 0.2475 | 3.0 (1 of 2 reached) | 9.00 (1 of 2 reached) | 3.00 ± 0.00 |" in text
+    assert "| my_method | 1 | 0.5000 | not reached | not reached | 2.00 |" in text
+
+
+def test_convergence_values_in_the_csv(convergence_report):
+    rows = _csv_rows(convergence_report.summary_csv)
+    fedavg = {metric: rows[("conv", "fedavg", metric)] for metric in METRICS}
+    assert [float(v) for v in fedavg["mean_accuracy_rounds_1_10"]["values"].split(";")] == pytest.approx([0.8, 0.75])
+    assert float(fedavg["first_round_at_target"]["mean"]) == 5.5
+    assert [float(v) for v in fedavg["bytes_at_target"]["values"].split(";")] == [15e6, 18e6]
+    svd_first = rows[("conv", "svd", "first_round_at_target")]
+    assert (svd_first["n"], svd_first["seeds"], svd_first["values"]) == ("1", "1", "3.0")
+    assert rows[("conv", "my_method", "first_round_at_target")]["n"] == "0"
+    assert float(rows[("conv", "my_method", "bytes_down_per_round")]["mean"]) == 1.5e6
+
+
+def test_cost_table_has_bytes_per_round_and_names_the_residual(convergence_report, report):
+    text = convergence_report.summary_md.read_text()
+    assert ("| Method | n | Bytes up (MB) | Bytes down (MB) | Wall time (s) | Bytes up / round (MB) "
+            "| Bytes down / round (MB) |") in text
+    assert "| FedAvg | 2 | 20.00 ± 0.00 | 40.00 ± 0.00 | 200.0 ± 0.0 | 1.00 ± 0.00 | 2.00 ± 0.00 |" in text
+    assert "| my_method | 1 | 10.00 | 30.00 | 200.0 | 0.50 | 1.50 |" in text
+    assert ("Bytes down include the base-weight residual increments (`residual_bytes_down`) of my_method "
+            "(0.50 MB per round on average)") in text
+    # Runs without residual increments (here: none wrote the key) get no such line.
+    assert "residual" not in report.summary_md.read_text()
+
+
+def test_a_target_accuracy_can_be_chosen(convergence_root, tmp_path):
+    text = write_report(convergence_root, tmp_path / "out", plots=False, target_accuracy=0.5).summary_md.read_text()
+    assert "First round acc. ≥ 0.5" in text
+    # fedavg seed 2 starts at 0.4: rounds 1 and 2; every other run is at 0.5 in round 1.
+    assert "| FedAvg | 2 | 0.7750 ± 0.0354 | 1.5 ± 0.7 | 4.50 ± 2.12 | 3.00 ± 0.00 |" in text
+    assert "| my_method | 1 | 0.5000 | 1.0 | 2.00 | 2.00 |" in text
+
+
+def test_bytes_and_accuracy_vs_mb_plots_are_non_empty_pngs(convergence_report):
+    import matplotlib.image
+
+    by_name = {path.name: path for path in convergence_report.plots}
+    for name in ("conv_bytes.png", "conv_accuracy_vs_mb.png"):
+        data = by_name[name].read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
+        image = matplotlib.image.imread(by_name[name])
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0.01   # something is drawn, not a blank canvas
+        assert f"]({name})" in convergence_report.summary_md.read_text()
+
+
+def test_round_axes_have_whole_number_ticks(convergence_root):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    runs, _ = collect_runs(convergence_root)
+    figures = build_figures("conv", group(runs)["conv"])
+    assert list(figures) == ["accuracy", "alignment", "final_accuracy_per_seed", "bytes", "accuracy_vs_mb"]
+    round_axes = [ax for fig in figures.values() for ax in fig.axes if ax.get_xlabel() == "round"]
+    # accuracy 1, alignment 4, bytes 2 (the per-seed and accuracy-vs-MB plots have no round axis).
+    assert len(round_axes) == 7
+    for ax in round_axes:
+        locator = ax.xaxis.get_major_locator()
+        assert isinstance(locator, MaxNLocator) and locator._integer
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks   # 20 rounds: no 2.5, 7.5
+    assert figures["accuracy_vs_mb"].axes[0].get_xlabel() == "cumulative MB sent (up + down)"
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_cli_rejects_a_target_accuracy_outside_0_1(convergence_root, tmp_path, capsys):
+    assert main([str(convergence_root), "--out", str(tmp_path / "out"), "--target-accuracy", "90"]) == 2
+    assert "--target-accuracy 90.0: expected an accuracy in (0, 1]" in capsys.readouterr().err
