@@ -20,17 +20,25 @@ def _grid(**changes) -> dict:
     return grid
 
 
-def test_cpu_grid_is_4_methods_x_3_seeds_of_the_minilm_federation():
+def test_cpu_grid_is_7_methods_x_3_seeds_plus_the_heterogeneous_rank_scenario():
     grid = GridConfig.load(ROOT / "configs" / "grid_cpu.yaml")
     cells = grid.cells()
-    assert len(cells) == 12 and grid.output_root == "runs/cpu_grid"
-    assert {c.method for c in cells} == {"fedavg", "svd", "fedsvd", "subspace_reg"}
+    assert len(cells) == 7 * 3 + 3 * 3 and grid.output_root == "runs/cpu_grid"
+    minilm = [c for c in cells if c.model.name == "minilm"]
+    hetrank = [c for c in cells if c.model.name == "minilm-hetrank"]
+    assert {c.method for c in minilm} == {"fedavg", "svd", "fedsvd", "subspace_reg", "ffa_lora", "rolora",
+                                          "fedex_lora"}
+    assert {c.method for c in hetrank} == {"fedavg", "svd", "subspace_reg"}
     assert {c.seed for c in cells} == {42, 43, 44}
     first = cells[0]
     assert first.run_dir == Path("runs/cpu_grid/minilm/fedavg/seed42") and first.num_rounds == 20
     assert {k: first.expected[k] for k in ("num_clients", "dirichlet_alpha", "client_fraction", "model_name")} == \
         {"num_clients": 10, "dirichlet_alpha": 0.3, "client_fraction": 0.3, "model_name": "minilm"}
     assert str(first.config_path) == "configs/minilm_bbc.yaml"
+    ranks = hetrank[0].expected["client_ranks"]
+    assert ranks == [8, 2, 4, 8, 2, 4, 8, 2, 4, 8] and len(ranks) == hetrank[0].expected["num_clients"]
+    assert set(ranks) == {2, 4, 8} and hetrank[0].expected.get("lora_rank", 8) == 8
+    assert "client_ranks" not in first.expected
 
 
 def test_reference_grid_runs_both_study_models_with_their_own_configs():
