@@ -10,6 +10,13 @@ import sys
 from pathlib import Path
 
 
+def _positive_rank(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--rank {text}: a LoRA rank is a positive integer")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m client",
@@ -25,6 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="train on this local csv/json/jsonl/parquet file instead of a partition of the run's data")
     parser.add_argument("--partition", type=int, default=-1,
                         help="ask for this partition index (default: the coordinator assigns one)")
+    parser.add_argument("--rank", type=_positive_rank, default=0, metavar="R",
+                        help="train at LoRA rank R (heterogeneous ranks; at most the run's lora_rank; "
+                             "default: the rank the run gives this client, client_ranks or lora_rank)")
     parser.add_argument("--patience", type=float, default=300.0, metavar="SECONDS",
                         help="exit if the coordinator stays unreachable this long (default: 300)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: from the run config)")
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                               allow_insecure_token=args.allow_insecure_token)
     options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
                             partition=args.partition, patience_s=args.patience, save_received=args.save_received,
-                            threads=args.threads, security=security)
+                            threads=args.threads, rank=args.rank, security=security)
     logger = logging.getLogger("client")
     try:
         return run_client(options)

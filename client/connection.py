@@ -128,6 +128,8 @@ class JoinInfo:
     partition_fingerprint: str
     run_id: str
     heartbeat_interval_s: float
+    lora_rank: int = 0
+    """The LoRA rank this client trains at (0 from a coordinator that does not say: the run's lora_rank)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,8 @@ class ReceivedTask:
     round_seed: int
     tensors: dict[str, torch.Tensor]
     payload_bytes: int
+    base_residual_round: int = 0
+    """With the task's base-weight residual folded in, the client's base weights are those of this round."""
 
 
 @dataclass(frozen=True)
@@ -237,12 +241,13 @@ class CoordinatorConnection:
             return None
 
     def join(self, name: str, partition_index: int = -1, device: str = "", num_examples: int = 0,
-             own_data: bool = False) -> JoinInfo:
+             own_data: bool = False, lora_rank: int = 0) -> JoinInfo:
         """Register under ``name``; retried while the coordinator is unreachable. ``num_examples`` > 0 declares
         the size of this client's own data, which its uploads are then bound to; ``own_data`` without it says
-        that size will come with a second join, once the data is loaded."""
+        that size will come with a second join, once the data is loaded. ``lora_rank`` > 0 asks to train at
+        that rank (heterogeneous ranks); the reply says the rank the run gives this client."""
         request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, client_name=name, partition_index=partition_index,
-                                 device=device, num_examples=num_examples, own_data=own_data)
+                                 device=device, num_examples=num_examples, own_data=own_data, lora_rank=lora_rank)
         try:
             reply = self._with_retry("join", lambda: self.stub.Join(request, timeout=30, metadata=self.metadata))
         except grpc.RpcError as error:
@@ -251,12 +256,16 @@ class CoordinatorConnection:
                                   f"{error.details()}") from None
             raise
         return JoinInfo(reply.client_id, reply.run_config_json, reply.partition_index, reply.num_partitions,
-                        reply.partition_fingerprint, reply.run_id, reply.heartbeat_interval_ms / 1000 or 5.0)
+                        reply.partition_fingerprint, reply.run_id, reply.heartbeat_interval_ms / 1000 or 5.0,
+                        reply.lora_rank)
 
-    def next_task(self, client_id: str, expected: ExpectedTensors | None = None) -> ReceivedTask | WaitHint:
+    def next_task(self, client_id: str, expected: ExpectedTensors | None = None,
+                  base_residual_round: int = 0) -> ReceivedTask | WaitHint:
         """Long poll for work. With ``expected``, a task is checked as strictly as the coordinator checks
-        uploads: its header before the payload is read, its values once it is whole (InvalidTask)."""
-        request = pb.TaskRequest(protocol_version=PROTOCOL_VERSION, client_id=client_id)
+        uploads: its header before the payload is read, its values once it is whole (InvalidTask).
+        ``base_residual_round``: the last round whose base-weight residual this client has folded in."""
+        request = pb.TaskRequest(protocol_version=PROTOCOL_VERSION, client_id=client_id,
+                                 base_residual_round=base_residual_round)
         return self._with_retry("fetch task", lambda: self._receive_task(
             self.stub.GetTask(request, timeout=600, metadata=self.metadata), expected))
 
@@ -300,7 +309,8 @@ class CoordinatorConnection:
                 tensors = expected.check_values(tensors, sender)
             except PayloadRejected as error:
                 raise InvalidTask(str(error)) from None
-        return ReceivedTask(header.round, header.method, header.round_seed, tensors, len(buffer))
+        return ReceivedTask(header.round, header.method, header.round_seed, tensors, len(buffer),
+                            header.base_residual_round)
 
     def submit(self, client_id: str, round_index: int, num_examples: int, tensors: dict[str, torch.Tensor],
                train_loss: float, train_seconds: float, local_steps: int) -> pb.SubmitReply:

@@ -35,6 +35,8 @@ class ClientOptions:
     save_received: str | None = None
     """Debugging: write every received task's tensors to DIR/round_NNN.safetensors."""
     threads: int | None = None
+    rank: int = 0
+    """The LoRA rank to train at (--rank; heterogeneous ranks, at most the run's lora_rank); 0: the run's."""
     security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
 
 
@@ -69,7 +71,7 @@ class ClientSession:
         # With own data, the first join fetches the run's config (needed to load the data) and marks this
         # client as declaring: it is neither counted nor sampled until it joins again with its size.
         self.info: JoinInfo = connection.join(options.name, options.partition, options.device,
-                                              own_data=options.data is not None)
+                                              own_data=options.data is not None, lora_rank=options.rank)
 
     @property
     def client_id(self) -> str:
@@ -80,7 +82,8 @@ class ClientSession:
         if num_examples is not None:
             self.num_examples = num_examples
         info = self.connection.join(self.options.name, self.info.partition_index, self.options.device,
-                                    self.num_examples, own_data=self.options.data is not None)
+                                    self.num_examples, own_data=self.options.data is not None,
+                                    lora_rank=self.options.rank)
         if info.run_id != self.info.run_id:
             raise RunChanged(f"the coordinator now serves run {info.run_id}, not {self.info.run_id}; "
                              f"restart this client to join the new run")
@@ -95,21 +98,22 @@ def run_client(options: ClientOptions) -> int:
         info = session.info
         config = RunConfig.from_json(info.run_config_json)
         torch.set_num_threads(options.threads or config.train.torch_threads)
-        log.info("%s joined run %s as partition %d of %d (method %s)", options.name, info.run_id,
-                 info.partition_index, info.num_partitions, config.federation.method)
+        rank = info.lora_rank or config.model.lora_rank
+        log.info("%s joined run %s as partition %d of %d (method %s, LoRA rank %d)", options.name, info.run_id,
+                 info.partition_index, info.num_partitions, config.federation.method, rank)
         connection.start_keepalive(lambda: session.client_id, info.heartbeat_interval_s)
         rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
         if options.data:
             # Own data: its size is known only now (loading it needs the run's config); declare it, and every
             # upload of this session is bound to it.
             session.rejoin(num_examples=len(rows))
-        trainer = LocalTrainer(config, rows, num_labels, device=options.device)
+        trainer = LocalTrainer(config, rows, num_labels, device=options.device, rank=rank)
         expected = trainer.expected_task()
         corrupt_fetches = 0
         while True:
             try:
                 try:
-                    task = connection.next_task(session.client_id, expected)
+                    task = connection.next_task(session.client_id, expected, trainer.base_residual_round)
                     corrupt_fetches = 0
                 except CorruptTask as damaged:
                     corrupt_fetches += 1
@@ -141,7 +145,7 @@ def _do_round(connection: CoordinatorConnection, session: ClientSession, trainer
         target = Path(options.save_received)
         target.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(target / f"round_{task.round:03d}.safetensors"))
-    result = trainer.train_round(task.round, task.tensors, task.round_seed)
+    result = trainer.train_round(task.round, task.tensors, task.round_seed, task.base_residual_round)
     try:
         reply = connection.submit(session.client_id, task.round, result.num_examples, result.tensors,
                                   result.train_loss, result.train_seconds, result.local_steps)

@@ -7,6 +7,7 @@ every round (AdamW, weight decay 0, as in the reference study).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,10 +15,19 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common.config import RunConfig
+from common.codec import DTYPES
+from common.config import ModelConfig, RunConfig
 from common.methods import get_method
 from common.modeling import build_model
 from common.validation import ExpectedTensors
+
+def client_model_config(config: RunConfig, rank: int) -> ModelConfig:
+    """The model configuration of a client training at LoRA rank ``rank`` (<= lora_rank): lora_alpha scaled with
+    the rank, so that s = lora_alpha / r is the run's for every client and s B A means the same on all of them."""
+    if rank == config.model.lora_rank:
+        return config.model
+    return dataclasses.replace(config.model, lora_rank=rank, lora_alpha=config.model.scaling * rank)
+
 
 @dataclass(frozen=True)
 class LocalResult:
@@ -30,7 +40,7 @@ class LocalResult:
 
 class LocalTrainer:
     def __init__(self, config: RunConfig, rows: list[dict], num_labels: int, device: str = "cpu",
-                 show_progress: bool | None = None) -> None:
+                 show_progress: bool | None = None, rank: int | None = None) -> None:
         if not rows:
             raise ValueError("this client has no training rows; check its partition or --data file")
         self.config = config
@@ -38,9 +48,13 @@ class LocalTrainer:
         self.device = device
         self.show_progress = show_progress
         self.method = get_method(config.federation.method)
-        self.built = build_model(config.model, num_labels=num_labels, seed=config.federation.seed, device=device,
-                                 task=config.data.task)
+        self.wire_dtype = DTYPES[config.federation.wire_dtype]
+        self.rank = rank or config.model.lora_rank
+        self.built = build_model(client_model_config(config, self.rank), num_labels=num_labels,
+                                 seed=config.federation.seed, device=device, task=config.data.task)
         self.lora = self.built.lora_parameters()
+        self.base_residual_round = 0
+        """The last round whose base-weight residual (fedex_lora) is folded into this model's base weights."""
 
     def expected_task(self) -> ExpectedTensors:
         """What a task for this model must hold, as the method sends it (common/methods/)."""
@@ -66,9 +80,16 @@ class LocalTrainer:
         total = per_epoch * train.local_epochs
         return total if train.max_local_steps is None else min(total, train.max_local_steps)
 
-    def train_round(self, round_index: int, global_tensors: dict[str, torch.Tensor], seed: int) -> LocalResult:
+    def train_round(self, round_index: int, global_tensors: dict[str, torch.Tensor], seed: int,
+                    base_residual_round: int = 0) -> LocalResult:
+        """Train on one task; ``base_residual_round``: the round the task's base-weight residual (if the method
+        sends one) brings this model's base weights to."""
         started = time.time()
-        objective = self.method.local_objective(global_tensors, self.config)   # start, frozen factors, penalty
+        objective = self.method.local_objective(global_tensors, self.config, round_index)   # start, frozen, penalty
+        if objective.base_delta:
+            self.built.add_to_base_weights(objective.base_delta)
+        if self.method.base_residual_suffixes:
+            self.base_residual_round = base_residual_round
         self.built.set_adapter_state(objective.start)
         for A, B in self.lora.values():
             A.requires_grad_(objective.train_a)
@@ -103,6 +124,8 @@ class LocalTrainer:
         for A, B in self.lora.values():
             A.requires_grad_(True)
             B.requires_grad_(True)
-        return LocalResult(tensors=self.method.upload(self.built.get_adapter_state()), num_examples=len(self.rows),
+        upload = self.method.upload(self.built.get_adapter_state(), round_index)
+        upload = {name: tensor.to(self.wire_dtype) for name, tensor in upload.items()}   # the run's wire dtype
+        return LocalResult(tensors=upload, num_examples=len(self.rows),
                            train_loss=sum(losses) / max(1, len(losses)), train_seconds=time.time() - started,
                            local_steps=len(losses))

@@ -81,3 +81,38 @@ class ClientUpdate:
     client: str
     num_examples: int
     state: AdapterState
+
+
+def truncate_to_rank(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The first ``rank`` rank components of every factor a task carries (heterogeneous client ranks):
+    lora_A's rows (r, k) -> (rank, k), lora_B's and the reference basis's columns (d, r) -> (d, rank).
+    Other tensors (head, gains, base-weight residuals) are left whole. Where the global factors are SVD-ordered
+    (svd, subspace_reg) this is the best rank-``rank`` part of s B_g A_g; elsewhere the first components."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(LORA_A_SUFFIX) and tensor.shape[0] > rank:
+            tensor = tensor[:rank].contiguous()                     # (rank, k)
+        elif name.endswith((LORA_B_SUFFIX, REFERENCE_SUFFIX)) and tensor.shape[1] > rank:
+            tensor = tensor[:, :rank].contiguous()                  # (d, rank)
+        out[name] = tensor
+    return out
+
+
+def pad_to_rank(tensors: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """A rank-r_i adapter as a rank-``rank`` one: zero rows under lora_A, zero columns after lora_B. Every
+    product B A is unchanged, so the server step sees uniform ranks and its weighted sums stay exact."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(LORA_A_SUFFIX) and tensor.shape[0] < rank:
+            tensor = torch.cat([tensor, tensor.new_zeros(rank - tensor.shape[0], tensor.shape[1])], dim=0)
+        elif name.endswith(LORA_B_SUFFIX) and tensor.shape[1] < rank:
+            tensor = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], rank - tensor.shape[1])], dim=1)
+        out[name] = tensor
+    return out
+
+
+def round_to_wire(tensors: dict[str, torch.Tensor], wire_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Each floating tensor rounded to ``wire_dtype`` and back to its own dtype: what a receiver holds after the
+    wire. A no-op (the same tensors) when the wire is float32 and the tensors are float32."""
+    return {name: t if t.dtype == wire_dtype or not t.is_floating_point() else t.to(wire_dtype).to(t.dtype)
+            for name, t in tensors.items()}

@@ -66,6 +66,9 @@ class AggregationSettings:
     """r of the new global factors: B_g is (d, r), A_g is (r, k)."""
     max_update_norm: float | None
     """Clip c on ||M||_F (``max_effective_lora_update_norm``); None disables clipping."""
+    wire_dtype: torch.dtype = torch.float32
+    """What the new global factors travel in (``wire_dtype``): a method's step (common/methods/) rounds its
+    result to it, so that the coordinator keeps what its clients receive. The math here ignores it."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.scaling, (int, float)) and math.isfinite(self.scaling) and self.scaling > 0):
@@ -75,6 +78,8 @@ class AggregationSettings:
         clip = self.max_update_norm
         if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
             raise ValueError(f"max_update_norm={clip!r}: must be a positive finite number, or None to disable clipping")
+        if self.wire_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"wire_dtype={self.wire_dtype!r}: use torch.float32, torch.bfloat16 or torch.float16")
 
 
 @dataclass(frozen=True)

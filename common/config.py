@@ -335,6 +335,10 @@ class RunConfig:
                      f"client_ranks={ranks}: every rank must be <= lora_rank={self.model.lora_rank} "
                      f"(the global adapter's rank); raise lora_rank or lower the client ranks")
 
+        _require(not (self.federation.method == "fedex_lora" and self.model.load_in_4bit),
+                 "method=fedex_lora folds a residual into the base weights, which a 4-bit quantized base cannot hold; "
+                 "set load_in_4bit: false or pick another method")
+
     def client_rank(self, partition: int, requested: int = 0) -> int:
         """The LoRA rank the client of ``partition`` trains at: its entry in client_ranks, else what the client
         asked for (its --rank; 0: nothing asked), else lora_rank."""

@@ -10,7 +10,8 @@ Norms and inner products run over all layers together: ||X||^2 = sum_l ||X_l||_F
 - basis_overlap           = mean_{l,i} clamp(||Q_i^T Q_g||_F / sqrt(r), 0, 1),  Q = orth(B)
 - basis_overlap_sq        = mean_{l,i} ||U_g^T Q_i||_F^2 / r,  U_g = top-r left singular vectors of dW_g
 - update_subspace_overlap = mean_{l,i} ||U_i^T U_g||_F^2 / r,  U_i = top-r left singular vectors of dW_i
-- aggregation_error       = ||dW_g - dW|| / ||dW||
+- aggregation_error       = ||dW_g - dW|| / ||dW||   (dW_g + R when the method folds a residual R into the
+                            base weights: fedex_lora, whose error is then zero up to rounding)
 
 No (d, k) product is formed: <dW_i, dW_j> = s^2 tr((B_i^T B_j)(A_j A_i^T)), and the norms of
 sums of products come from the QR core of the stacked factors (exact, no cancellation of
@@ -153,9 +154,11 @@ def _validate(updates: Sequence[ClientUpdate], scaling: float) -> None:
 
 
 def alignment_metrics(
-    updates: Sequence[ClientUpdate], new_global: AdapterState, scaling: float
+    updates: Sequence[ClientUpdate], new_global: AdapterState, scaling: float,
+    base_increment: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, float | None]:
-    """The alignment diagnostics of docs/DESIGN.md §5 (formulas in the module docstring).
+    """The alignment diagnostics of docs/DESIGN.md §5 (formulas in the module docstring). ``base_increment``
+    (layer -> (B_R (d, m), A_R (m, k))): the round's base-weight residual, part of the new global model.
 
     Keys are ``METRIC_NAMES``; a value is None where the quantity is undefined (one client for
     the pairwise cosine, zero updates for ratios and cosines, empty bases for overlaps).
@@ -184,10 +187,13 @@ def alignment_metrics(
         mixture = (scaling * weights).repeat_interleave(client_rank)  # (K r_c,)
         mean_sq += norm_of_weighted_sum(b_stack, mixture, a_stack) ** 2
         # dW_g - dW as one stacked product: [B_g, B_1 .. B_K] diag(s, -s p_i ..) [A_g; A_1; ..; A_K].
+        b_res, a_res = (base_increment or {}).get(layer, (b_g[:, :0], a_g[:0]))   # (d, m), (m, k); m = 0: none
+        b_res, a_res = _as_cpu64(b_res), _as_cpu64(a_res)
         error_sq += norm_of_weighted_sum(
-            torch.cat([b_g, b_stack], dim=1),
-            torch.cat([torch.full((rank,), float(scaling), dtype=_DTYPE), -mixture]),
-            torch.cat([a_g, a_stack], dim=0),
+            torch.cat([b_g, b_res, b_stack], dim=1),
+            torch.cat([torch.full((rank,), float(scaling), dtype=_DTYPE), torch.ones(b_res.shape[1], dtype=_DTYPE),
+                       -mixture]),
+            torch.cat([a_g, a_res, a_stack], dim=0),
         ) ** 2
 
         q_g = orth(b_g)  # (d, rho_g)

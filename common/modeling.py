@@ -149,6 +149,24 @@ class BuiltModel:
         layers = sorted(k[: -len(LORA_A_SUFFIX)] for k in params if k.endswith(LORA_A_SUFFIX))
         return {layer: (params[layer + LORA_A_SUFFIX], params[layer + LORA_B_SUFFIX]) for layer in layers}
 
+    def add_to_base_weights(self, deltas: dict[str, Any]) -> None:
+        """Add a residual to the frozen base weight W (d, k) of each named LoRA layer: a dense (d, k) tensor, or
+        factors (B (d, m), A (m, k)) whose product is added (fedex_lora's residual; common/methods/fedex_lora.py).
+        Computed in float64 and added once, so that every model adding the same residual gets the same W."""
+        with torch.no_grad():
+            for layer, delta in deltas.items():
+                weight = _base_weight(self.model, layer)
+                if isinstance(delta, tuple):
+                    b, a = delta
+                    delta = b.to(torch.float64) @ a.to(torch.float64)                   # (d, k)
+                if getattr(self.model.get_submodule(layer), "fan_in_fan_out", False):   # GPT-2's Conv1D: W is (k, d)
+                    delta = delta.T
+                if tuple(delta.shape) != tuple(weight.shape):
+                    raise ValueError(f"base-weight residual for {layer!r} has shape {tuple(delta.shape)}; "
+                                     f"the layer's weight is {tuple(weight.shape)}")
+                weight.copy_((weight.to(torch.float64) + delta.to(device=weight.device, dtype=torch.float64))
+                             .to(weight.dtype))
+
     def save_adapter(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
         """Load ``tensors`` into the model and write PEFT's format (adapter_model.safetensors +
         adapter_config.json) to ``directory``; a reader never sees a half-written folder."""
@@ -441,6 +459,18 @@ def _enable_checkpointing(model: Any) -> None:
 
 
 # --------------------------------------------------------------------------- adapter state helpers
+
+
+def _base_weight(model: PeftModel, layer: str) -> torch.Tensor:
+    """The frozen base weight of the LoRA layer called ``layer`` (an adapter-state layer name)."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"no LoRA layer {layer!r} in this model (same model_name and target_modules?)") from None
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(base, "weight"):
+        raise ValueError(f"{layer!r} is not a LoRA layer with a base weight")
+    return base.weight
 
 
 def _adapter_name(model: PeftModel) -> str:

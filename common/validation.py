@@ -21,6 +21,25 @@ WIRE_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 _WIRE_TORCH_DTYPES = frozenset(DTYPES[name] for name in WIRE_FLOAT_DTYPES)
 
 
+@dataclass(frozen=True)
+class AtMost:
+    """A dimension whose size varies from payload to payload, up to ``limit`` (a base-weight residual's rank)."""
+
+    limit: int
+
+
+Shape = tuple["int | AtMost", ...]
+
+
+def _fits(actual: tuple[int, ...], expected: Shape) -> bool:
+    return len(actual) == len(expected) and all(
+        (0 <= size <= dim.limit) if isinstance(dim, AtMost) else size == dim for size, dim in zip(actual, expected))
+
+
+def _show(shape: Shape) -> str:
+    return "[" + ", ".join(f"<= {d.limit}" if isinstance(d, AtMost) else str(d) for d in shape) + "]"
+
+
 class PayloadRejected(ValueError):
     """A payload does not hold the tensors the receiver expects; the message names the tensor and the fix."""
 
@@ -31,10 +50,11 @@ def _names(items: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ExpectedTensors:
-    """The tensors a payload must hold (``required``) and may hold (``optional``), by name and shape."""
+    """The tensors a payload must hold (``required``) and may hold (``optional``), by name and shape (a
+    dimension given as ``AtMost(n)`` may have any size up to n)."""
 
-    required: dict[str, tuple[int, ...]]
-    optional: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    required: dict[str, Shape]
+    optional: dict[str, Shape] = field(default_factory=dict)
 
     @classmethod
     def like(cls, tensors: dict[str, torch.Tensor]) -> "ExpectedTensors":
@@ -56,9 +76,9 @@ class ExpectedTensors:
                                   f"unexpected {_names(unexpected)}")
         for spec in specs:
             shape = self.required.get(spec.name, self.optional.get(spec.name))
-            if tuple(spec.shape) != shape:
+            if not _fits(tuple(spec.shape), shape):
                 raise PayloadRejected(f"payload from {sender}: tensor {spec.name!r} has shape {list(spec.shape)}, "
-                                      f"expected {list(shape)}")
+                                      f"expected {_show(shape)}")
             if spec.dtype not in WIRE_FLOAT_DTYPES:
                 raise PayloadRejected(f"payload from {sender}: tensor {spec.name!r} has dtype {spec.dtype}; "
                                       f"send {', '.join(WIRE_FLOAT_DTYPES)}")
@@ -83,8 +103,8 @@ class ExpectedTensors:
         return checked
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def _numel(shape: Shape) -> int:
     count = 1
     for size in shape:
-        count *= size
+        count *= size.limit if isinstance(size, AtMost) else size
     return count

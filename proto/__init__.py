@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 """Bumped on every incompatible change of federation.proto."""
 
 AUTHORIZATION_KEY = "authorization"

@@ -5,9 +5,10 @@ driver thread calls ``run``. One lock and one condition variable guard all
 round state; long polls wait on the condition.
 
 One round t:
-  1. ``_open_round``: sample m partitions (seeded by seed + t), encode the global
-     adapter (+ reference basis) once, wake the long polls.
-  2. sampled clients fetch the task (``next_task``), train, ``submit``.
+  1. ``_open_round``: sample m partitions (seeded from (seed, t), common/sampling.py), wake the long polls.
+  2. sampled clients fetch the task (``next_task``: the method's task tensors, truncated to the client's
+     rank, in the wire dtype; encoded once per distinct (rank, residual state)), train, ``submit``
+     (checked against the method's expected upload at the client's rank, zero-padded back to the global rank).
   3. ``_wait_for_updates`` returns when all sampled clients reported or the
      deadline passed; ``_close_round`` aggregates with common/, measures the
      alignment metrics, evaluates, saves the adapter, commits, logs a line.
@@ -27,19 +28,19 @@ from typing import Any, Protocol
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate
+from common.adapter import LORA_A_SUFFIX, AdapterState, ClientUpdate, pad_to_rank, round_to_wire, truncate_to_rank
 from common.aggregation import AggregationSettings
 from common.clipping import clip_update
-from common.codec import TensorSpec, encode_tensors
+from common.codec import DTYPES, TensorSpec, encode_tensors
 from common.config import RunConfig
 from common.metrics import alignment_metrics
 from common.sampling import sample_clients
-from common.methods import get_method
-from common.validation import PayloadRejected
+from common.methods import Recipient, get_method
+from common.validation import ExpectedTensors, PayloadRejected
 from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge, UploadInProgress
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
-from server.rounds import DEADLINE_REASON, ClosedRound, RoundState, UploadStats, metrics_record
+from server.rounds import DEADLINE_REASON, ClosedRound, RoundState, TaskPayload, UploadStats, metrics_record
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class GlobalModel(Protocol):
 
     def save(self, tensors: dict[str, torch.Tensor], directory: Any) -> None: ...
 
+    def add_to_base(self, increment: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add B A to each named layer's frozen base weight (a method's base-weight residual, fedex_lora)."""
+
 
 @dataclass(frozen=True)
 class Task:
@@ -67,6 +71,8 @@ class Task:
     round_seed: int
     specs: list[TensorSpec]
     buffer: bytes
+    base_residual_round: int = 0
+    """The round through which the task's base-weight residual (if any) brings the client's base weights."""
 
 
 @dataclass(frozen=True)
@@ -94,19 +100,23 @@ class Coordinator:
         self.run_dir = run_dir
         self.model = model
         self.method = get_method(config.federation.method)
+        self.wire_dtype = DTYPES[config.federation.wire_dtype]
         self.settings = AggregationSettings(
             scaling=config.model.scaling, rank=config.model.lora_rank,
-            max_update_norm=config.federation.max_effective_lora_update_norm,
+            max_update_norm=config.federation.max_effective_lora_update_norm, wire_dtype=self.wire_dtype,
         )
         self.partition_sizes = partition_sizes
         self.max_examples_per_client = config.federation.max_examples_per_client or max(partition_sizes)
         self.registry = ClientRegistry(partition_sizes)
         self.poll_timeout_s = poll_timeout_s
-        self._global: dict[str, torch.Tensor] = {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}
-        # What an upload holds is the method's to say (all of the adapter, or part of it), known before any
-        # upload: its header is checked against it before a payload byte is read, and none may be larger.
-        self.expected_upload = self.method.expected_upload(self._global)
-        self.max_payload_bytes = self.expected_upload.max_bytes
+        # The global adapter as the clients hold it after the wire (rounded to wire_dtype; float32 in memory).
+        self._global: dict[str, torch.Tensor] = round_to_wire(
+            {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}, self.wire_dtype)
+        self.global_rank = max((t.shape[0] for k, t in self._global.items() if k.endswith(LORA_A_SUFFIX)),
+                               default=config.model.lora_rank)
+        """The global adapter's rank (lora_rank): lower-rank uploads are zero-padded to it."""
+        # No upload, whatever the method, round or client rank, may be larger than the global adapter in float32.
+        self.max_payload_bytes = ExpectedTensors.like(self._global).max_bytes
         self._uploading: set[str] = set()  # names of clients with an upload stream in progress
         self._method_state: dict[str, torch.Tensor] = {}  # the method's tensors kept between rounds (reference bases)
         self._lock = threading.Lock()
@@ -134,24 +144,30 @@ class Coordinator:
                              f"(differing tensors: {mismatched[:3]}); resume with the run's own config.yaml")
         self._global = {k: v.to(torch.float32) for k, v in adapter.items()}
         self._method_state = {k: v for k, v in tensors.items() if k not in self._global}
+        increments = self.method.base_increments(self._method_state)
+        for increment in increments:       # the evaluation model's base weights, as they were at the commit
+            self.model.add_to_base(increment)
         self._completed_rounds = int(state["round"])
         self._best_accuracy = float(state.get("best_accuracy", -math.inf))
         self.registry.restore(state.get("registry", []))
         self.run_dir.truncate_metrics(after_round=self._completed_rounds)
-        log.info("resuming after committed round %d (clients rejoin by name)", self._completed_rounds)
+        log.info("resuming after committed round %d (clients rejoin by name)%s", self._completed_rounds,
+                 f"; {len(increments)} base-weight increments re-applied" if increments else "")
         return self._completed_rounds
 
     # ------------------------------------------------------------------ servicer API
 
     def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0,
-             own_data: bool = False) -> ClientRecord:
+             own_data: bool = False, requested_rank: int = 0) -> ClientRecord:
         """Register a client. One with its own data declares its size here and is bound to it (at most
-        max_examples_per_client); one without is bound to the size of the partition it is given."""
+        max_examples_per_client); one without is bound to the size of the partition it is given. Its LoRA rank
+        is its partition's entry in client_ranks, else the rank it asks for (--rank), else lora_rank."""
         if declared_examples > self.max_examples_per_client:
             raise BadRequest(f"client {name!r} declares {declared_examples} examples of its own data, above "
                              f"max_examples_per_client={self.max_examples_per_client} (without the key: the largest "
                              f"partition); the coordinator's operator can raise max_examples_per_client")
-        record = self.registry.join(name, requested_partition, device, declared_examples, own_data)
+        record = self.registry.join(name, requested_partition, device, declared_examples, own_data,
+                                    rank_for=lambda partition: self._rank_for(name, partition, requested_rank))
         if record.declaring:
             log.info("client %s registered (partition %d): loading its own data, to declare its size", name,
                      record.partition)
@@ -161,6 +177,18 @@ class Coordinator:
         with self._changed:
             self._changed.notify_all()
         return record
+
+    def _rank_for(self, name: str, partition: int, requested: int) -> int:
+        """The rank the client of ``partition`` trains at; BadRequest for a request the run cannot honour."""
+        global_rank = self.config.model.lora_rank
+        if requested > global_rank:
+            raise BadRequest(f"client {name!r} asks for LoRA rank {requested}, above the run's lora_rank={global_rank} "
+                             f"(the global adapter's rank); start it with --rank {global_rank} or less")
+        rank = self.config.client_rank(partition, requested)
+        if requested and rank != requested:
+            raise BadRequest(f"client {name!r} asks for LoRA rank {requested}, but the run's client_ranks gives "
+                             f"partition {partition} rank {rank}; drop --rank or change client_ranks")
+        return rank
 
     def keepalive(self, client_id: str, is_open: bool) -> None:
         """A heartbeat (is_open) or the end of a client's KeepAlive stream (not is_open)."""
@@ -192,9 +220,16 @@ class Coordinator:
     def heartbeat_interval_s(self) -> float:
         return max(0.5, self.config.federation.heartbeat_timeout_s / 4)
 
-    def next_task(self, client_id: str, timeout_s: float | None = None) -> Task | WaitHint | RunFinished:
-        """Long poll: block until this client has work, the run is over, or the poll times out."""
+    def next_task(self, client_id: str, timeout_s: float | None = None,
+                  base_residual_round: int = 0) -> Task | WaitHint | RunFinished:
+        """Long poll: block until this client has work, the run is over, or the poll times out.
+        ``base_residual_round``: the last round whose base-weight residual the client has folded in."""
         record = self.registry.get(client_id)
+        if base_residual_round > self._completed_rounds:
+            raise BadRequest(f"client {record.name!r} has folded base-weight residuals through round "
+                             f"{base_residual_round}, but this run has committed {self._completed_rounds} rounds "
+                             f"(the coordinator resumed from another run directory?); restart the client, which "
+                             f"starts again from the pretrained base weights")
         deadline = time.monotonic() + (self.poll_timeout_s if timeout_s is None else timeout_s)
         with self._changed:
             while True:
@@ -204,15 +239,40 @@ class Coordinator:
                 if current is not None and current.open and client_id in current.sampled \
                         and client_id not in current.updates and client_id not in current.dropped:
                     # Fetching again is allowed (the stream may have broken); the payload is identical.
+                    recipient = Recipient(round=current.index, rank=record.rank,
+                                          base_residual_round=base_residual_round)
+                    payload = self._task_payload(current, recipient)
                     current.deliveries[client_id] = current.deliveries.get(client_id, 0) + 1
+                    current.bytes_down += len(payload.buffer)
+                    current.residual_bytes_down += payload.residual_bytes
                     return Task(round=current.index, method=self.config.federation.method,
                                 round_seed=round_seed(self.config.federation.seed, current.index, record.partition),
-                                specs=current.specs, buffer=current.buffer)
+                                specs=payload.specs, buffer=payload.buffer,
+                                base_residual_round=self._completed_rounds)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     reason = "not sampled this round" if current is not None else "waiting for clients to join"
                     return WaitHint(reason=reason)
                 self._changed.wait(remaining)
+
+    def _task_payload(self, current: RoundState, recipient: Recipient) -> TaskPayload:
+        """The encoded task for one recipient: the method's tensors, truncated to its rank, in the wire dtype
+        (base-weight residuals in float32). Encoded once per distinct (rank, residual state) and kept for the round."""
+        key = (recipient.rank, recipient.base_residual_round)
+        if key not in current.payloads:
+            tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
+                                       recipient.rank)
+            residual = self.method.base_residual_suffixes
+            wire = {name: t if residual and name.endswith(residual) else t.to(self.wire_dtype)
+                    for name, t in tensors.items()}
+            specs, buffer = encode_tensors(wire)
+            residual_bytes = sum(spec.nbytes for spec in specs if residual and spec.name.endswith(residual))
+            current.payloads[key] = TaskPayload(specs, buffer, residual_bytes)
+        return current.payloads[key]
+
+    def _expected_upload(self, record: ClientRecord, round_index: int) -> ExpectedTensors:
+        """What this client's upload must hold: the method's say, at the client's rank."""
+        return self.method.expected_upload(truncate_to_rank(self._global, record.rank), round_index)
 
     def check_upload_header(self, client_id: str, round_index: int, num_examples: int,
                             specs: list[TensorSpec], total_bytes: int) -> ClientRecord:
@@ -224,7 +284,7 @@ class Coordinator:
             raise BadRequest(f"upload from {record.name!r} claims num_examples={num_examples}; this client holds "
                              f"{record.num_examples} examples ({source}); the aggregation weight is that size")
         try:
-            self.expected_upload.check_specs(specs, repr(record.name))
+            self._expected_upload(record, round_index).check_specs(specs, repr(record.name))
         except PayloadRejected as error:
             raise BadRequest(str(error)) from None
         if total_bytes > self.max_payload_bytes:
@@ -252,11 +312,14 @@ class Coordinator:
                stats: UploadStats) -> None:
         """Store one upload whose header passed check_upload_header. Nothing changes unless every check passes."""
         try:
-            clean = self.expected_upload.check_values(tensors, repr(record.name),
-                                                      max_norm=self.config.federation.max_update_norm)
+            clean = self._expected_upload(record, round_index).check_values(
+                tensors, repr(record.name), max_norm=self.config.federation.max_update_norm)
         except PayloadRejected as error:
             raise BadRequest(str(error)) from None
-        whole = self.method.complete_upload(self._global, clean)   # e.g. fedsvd's frozen A, from the global
+        # The factors the client held frozen (fedsvd's A, ...) come from the global adapter it received (at its
+        # rank); a lower-rank client's factors are zero-padded to the global rank, which keeps B A unchanged.
+        whole = pad_to_rank(self.method.complete_upload(truncate_to_rank(self._global, record.rank), clean),
+                            self.global_rank)
         update = ClientUpdate(client=record.name, num_examples=record.num_examples,
                               state=AdapterState.from_state_dict(whole))
         with self._changed:
@@ -360,17 +423,18 @@ class Coordinator:
         raise QuorumLost(f"round {round_index} stayed below quorum after {fed.max_round_retries} retries")
 
     def _sample(self, round_index: int, attempt: int) -> list[int]:
-        """The first attempt samples every partition (seed + round: a pure function, which a bit-exact resume
+        """The first attempt samples every partition (a pure function of (seed, round), which a bit-exact resume
         needs); a retry samples live sessions only (keep-alive open, heartbeat within the timeout)."""
         fed = self.config.federation
         num = len(self.partition_sizes)
         wanted = fed.clients_per_round(num)
         if attempt == 0:
-            return sample_clients(num, wanted, fed.seed, round_index)
+            return sample_clients(num, wanted, fed.seed, round_index, scheme=fed.sampling_seeds)
         live = self._live_partitions(needed=fed.quorum(wanted), timeout_s=fed.heartbeat_timeout_s)
         if not live:
             return []
-        picks = sample_clients(len(live), min(wanted, len(live)), fed.seed + 7919 * attempt, round_index)
+        picks = sample_clients(len(live), min(wanted, len(live)), fed.seed + 7919 * attempt, round_index,
+                               scheme=fed.sampling_seeds)
         return [live[i] for i in picks]
 
     def _live_partitions(self, needed: int, timeout_s: float) -> list[int]:
@@ -390,7 +454,6 @@ class Coordinator:
     def _open_round(self, round_index: int, attempt: int = 0) -> None:
         fed = self.config.federation
         partitions = self._sample(round_index, attempt)
-        specs, buffer = encode_tensors(self.method.task_tensors(self._global, self._method_state))   # once per round
         with self._changed:
             sampled: dict[str, int] = {}
             names: dict[str, str] = {}
@@ -402,8 +465,7 @@ class Coordinator:
                     continue
                 sampled[record.client_id] = partition
                 names[record.client_id] = record.name
-            self._round = RoundState(index=round_index, sampled=sampled, names=names, specs=specs, buffer=buffer,
-                                 attempt=attempt)
+            self._round = RoundState(index=round_index, sampled=sampled, names=names, attempt=attempt)
             self._changed.notify_all()
         log.info("round %d/%d%s: sampled %s", round_index, fed.num_rounds,
                  f" (retry {attempt})" if attempt else "", sorted(names.values()))
@@ -469,11 +531,13 @@ class Coordinator:
         clipped = {update.client: clip_update(update.state, global_state, self.settings.scaling, bound)
                    for _, update, _ in current.reported()}
         updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, u, _ in current.reported()]
-        step = self.method.server_step(self._global, self._method_state, updates, self.settings)
+        step = self.method.server_step(self._global, self._method_state, updates, self.settings, current.index)
         new_global = {k: v.to(torch.float32).contiguous() for k, v in step.adapter.to_state_dict().items()}
-        diagnostics = alignment_metrics(updates, step.adapter, self.settings.scaling)
+        diagnostics = alignment_metrics(updates, step.adapter, self.settings.scaling, step.base_increment)
         aggregation_seconds = time.time() - started
         eval_started = time.time()
+        if step.base_increment:    # fedex_lora: the residual goes into the frozen base weights, as on every client
+            self.model.add_to_base(step.base_increment)
         evaluation = self.model.evaluate(new_global)
         return ClosedRound(
             clipped=clipped, new_global=new_global,

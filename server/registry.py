@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.errors import BadRequest, RegistryFull, UnknownClient
@@ -17,6 +18,7 @@ class ClientRecord:
     partition: int
     device: str
     num_examples: int = 0       # what each upload must claim: its partition's size, or its declared own data
+    rank: int = 0               # the LoRA rank it trains at (client_ranks, its --rank, or lora_rank)
     own_data: bool = False      # trains on data of its own (--data), whose size it declared at join
     declaring: bool = False     # own data not loaded yet: not counted as joined, never sampled, until it rejoins
     joined_at: float = field(default_factory=time.time)
@@ -41,10 +43,11 @@ class ClientRegistry:
         self._by_name: dict[str, ClientRecord] = {}
 
     def join(self, name: str, requested_partition: int, device: str, declared_examples: int = 0,
-             own_data: bool = False) -> ClientRecord:
+             own_data: bool = False, rank_for: Callable[[int], int] = lambda partition: 0) -> ClientRecord:
         """Register a session; ``declared_examples`` > 0 binds it to the size of its own data (checked by the
         caller against the run's cap), 0 to the size of the partition it holds, unless ``own_data`` says the
-        size will come with a second join."""
+        size will come with a second join. ``rank_for(partition)`` gives its LoRA rank, or raises to refuse
+        the join before anything is registered."""
         if not name or len(name) > 128:
             raise BadRequest(f"client_name {name!r} must be 1 to 128 characters")
         with self._lock:
@@ -54,13 +57,15 @@ class ClientRegistry:
                     raise BadRequest(f"client {name!r} holds partition {previous.partition}; "
                                      f"it cannot switch to {requested_partition}")
                 partition = previous.partition
-                self._by_id.pop(previous.client_id, None)
             else:
                 partition = self._assign_partition(name, requested_partition)
+            rank = rank_for(partition)
+            if previous is not None:
+                self._by_id.pop(previous.client_id, None)
             record = ClientRecord(client_id=secrets.token_hex(16), name=name, partition=partition, device=device,
                                   num_examples=declared_examples or self._partition_sizes[partition],
                                   own_data=own_data or declared_examples > 0,
-                                  declaring=own_data and declared_examples == 0)
+                                  declaring=own_data and declared_examples == 0, rank=rank)
             self._by_id[record.client_id] = record
             self._by_name[name] = record
             return record

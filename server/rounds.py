@@ -31,14 +31,24 @@ class UploadStats:
     payload_bytes: int
 
 
+@dataclass(frozen=True)
+class TaskPayload:
+    """One encoded task: its tensor specs, its bytes, and how many of them are base-weight residual."""
+
+    specs: list[TensorSpec]
+    buffer: bytes
+    residual_bytes: int = 0
+
+
 @dataclass
 class RoundState:
     index: int
     sampled: dict[str, int]                        # client id -> partition
     names: dict[str, str]                          # client id -> name
-    specs: list[TensorSpec]
-    buffer: bytes
     attempt: int = 0                               # > 0 when the round is retried below quorum
+    payloads: dict[tuple[int, int], TaskPayload] = field(default_factory=dict)   # (rank, residual round) -> task
+    bytes_down: int = 0                            # task bytes sent this round, every delivery counted
+    residual_bytes_down: int = 0                   # of which base-weight residual (fedex_lora)
     opened_at: float = field(default_factory=time.time)
     open: bool = True
     dropped: dict[str, str] = field(default_factory=dict)      # client id -> why it was dropped
@@ -89,7 +99,8 @@ def metrics_record(method: str, state: RoundState, closed: ClosedRound, now: flo
         "dropped": sorted(({"client": state.names[cid], "reason": why} for cid, why in state.dropped.items()),
                           key=lambda entry: entry["client"]),
         "attempt": state.attempt,
-        "bytes_down": len(state.buffer) * sum(state.deliveries.values()),
+        "bytes_down": state.bytes_down,
+        "residual_bytes_down": state.residual_bytes_down,
         "bytes_up": sum(s.payload_bytes for s in stats.values()),
         "client_train_seconds": {name: round(s.train_seconds, 3) for name, s in stats.items()},
         "mean_client_train_seconds": sum(s.train_seconds for s in stats.values()) / len(stats),

@@ -40,7 +40,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         try:
             _check_version(request.protocol_version)
             record = self.coordinator.join(request.client_name, request.partition_index, request.device,
-                                           declared_examples=request.num_examples, own_data=request.own_data)
+                                           declared_examples=request.num_examples, own_data=request.own_data,
+                                           requested_rank=request.lora_rank)
         except CoordinatorError as error:
             _abort(context, error)
         return pb.JoinReply(
@@ -48,13 +49,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             run_config_json=self.coordinator.config.to_json(), partition_index=record.partition,
             num_partitions=len(self.fingerprints), partition_fingerprint=self.fingerprints[record.partition],
             run_id=self.coordinator.run_id,
-            heartbeat_interval_ms=int(self.coordinator.heartbeat_interval_s() * 1000),
+            heartbeat_interval_ms=int(self.coordinator.heartbeat_interval_s() * 1000), lora_rank=record.rank,
         )
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
         try:
             _check_version(request.protocol_version)
-            task = self.coordinator.next_task(request.client_id)
+            task = self.coordinator.next_task(request.client_id, base_residual_round=request.base_residual_round)
         except CoordinatorError as error:
             _abort(context, error)
         if isinstance(task, RunFinished):
@@ -63,7 +64,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         elif isinstance(task, Task):
             yield pb.TaskMessage(header=pb.TaskHeader(
                 protocol_version=PROTOCOL_VERSION, round=task.round, method=task.method, round_seed=task.round_seed,
-                payload=specs_to_proto(task.specs, len(task.buffer))))
+                payload=specs_to_proto(task.specs, len(task.buffer)), base_residual_round=task.base_residual_round))
             for chunk in chunks_to_proto(task.buffer):
                 yield pb.TaskMessage(chunk=chunk)
             yield pb.TaskMessage(trailer=trailer_to_proto(task.buffer))

@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib
 import os
 
-from common.methods.base import LocalObjective, Method, ServerStep
+from common.methods.base import LocalObjective, Method, Recipient, ServerStep
 from common.methods.fedavg import FedAvg
+from common.methods.fedex_lora import FedExLora
 from common.methods.fedsvd import FedSvd
+from common.methods.ffa_lora import FfaLora
+from common.methods.rolora import RoLora
 from common.methods.subspace_reg import SubspaceReg
 from common.methods.svd import Svd
 
@@ -58,7 +61,7 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}") from None
 
 
-for _builtin in (FedAvg(), Svd(), FedSvd(), SubspaceReg()):
+for _builtin in (FedAvg(), Svd(), FedSvd(), SubspaceReg(), FfaLora(), RoLora(), FedExLora()):
     register(_builtin)
 
-__all__ = ["LocalObjective", "Method", "ServerStep", "get_method", "method_names", "register"]
+__all__ = ["LocalObjective", "Method", "Recipient", "ServerStep", "get_method", "method_names", "register"]

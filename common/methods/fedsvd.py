@@ -3,7 +3,7 @@
 Server step, per layer: M = s (sum p_i B_i) A_g(prev); clip; M/s = U S V^T; B_g = U S, A_g = V^T;
 gain (common/aggregation.py ``frozen_a_target``, ``split_orthonormal_a``). An upload carries every
 tensor but the lora_A factors; the coordinator fills them in from the global adapter the client
-received, which is exactly what the client held frozen.
+received (``Method.complete_upload``), which is exactly what the client held frozen.
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ class FedSvd(Method):
     label = "FedSVD"
     strategy = get_strategy("fedsvd")
 
-    def expected_upload(self, adapter: dict[str, torch.Tensor]) -> ExpectedTensors:
+    def expected_upload(self, adapter: dict[str, torch.Tensor], round_index: int) -> ExpectedTensors:
         return ExpectedTensors.like(_without_a(adapter))
 
-    def complete_upload(self, adapter: dict[str, torch.Tensor], upload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        frozen = {name: value for name, value in adapter.items() if name.endswith(LORA_A_SUFFIX)}
-        return {**upload, **frozen}
-
-    def local_objective(self, received: dict[str, torch.Tensor], config) -> LocalObjective:
+    def local_objective(self, received: dict[str, torch.Tensor], config, round_index: int) -> LocalObjective:
         return LocalObjective(start=dict(received), train_a=False)
 
-    def upload(self, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def upload(self, trained: dict[str, torch.Tensor], round_index: int) -> dict[str, torch.Tensor]:
         return _without_a(trained)

@@ -20,7 +20,7 @@ import torch
 
 from common.adapter import LORA_B_SUFFIX, REFERENCE_GAIN_SUFFIX, REFERENCE_SUFFIX, AdapterState, LoraFactors
 from common.aggregation import get_strategy
-from common.methods.base import Factors, LocalObjective, Method, ServerStep
+from common.methods.base import Factors, LocalObjective, Method, Recipient, ServerStep
 from common.regularizer import subspace_regularizer
 from common.validation import ExpectedTensors
 
@@ -34,21 +34,24 @@ class SubspaceReg(Method):
     label = "Subspace-Reg"
     strategy = get_strategy("subspace_reg")
 
-    def server_step(self, adapter, state, uploads, settings) -> ServerStep:
-        """The aggregation, then B_g stored as exactly g U in the wire's float32 (the gain and the basis
-        rounded first, then multiplied), so that the B_g a client forms from U and g is this one, bit for bit."""
-        step = super().server_step(adapter, state, uploads, settings)
-        lora, kept = {}, dict(step.state)
+    def server_step(self, adapter, state, uploads, settings, round_index) -> ServerStep:
+        """The aggregation, then B_g stored as exactly g U in float32 (the gain and the basis rounded to the wire
+        first, then multiplied), so that the B_g a client forms from U and g is this one, bit for bit."""
+        step = super().server_step(adapter, state, uploads, settings, round_index)
+        kept = dict(step.state)
+        lora = {}
         for layer, factors in step.adapter.lora.items():
             basis = step.state[layer + REFERENCE_SUFFIX].to(torch.float32)        # (d, r), orthonormal columns
             gain = torch.diagonal(basis.double().T @ factors.B.double()).mean()   # B_g = g U: g = diag(U^T B_g)
-            gain = gain.to(torch.float32).reshape(())
+            basis = basis.to(settings.wire_dtype).to(torch.float32)
+            gain = gain.to(torch.float32).reshape(()).to(settings.wire_dtype).to(torch.float32)
             kept[layer + REFERENCE_SUFFIX] = basis
             kept[layer + REFERENCE_GAIN_SUFFIX] = gain
             lora[layer] = LoraFactors(A=factors.A, B=(gain * basis).to(factors.B.dtype))
         return ServerStep(adapter=AdapterState(lora=lora, extra=step.adapter.extra), state=kept)
 
-    def task_tensors(self, adapter: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def task_tensors(self, adapter: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                     recipient: Recipient) -> dict[str, torch.Tensor]:
         layers = _layers(adapter)
         if not all(layer + REFERENCE_GAIN_SUFFIX in state for layer in layers):
             return dict(adapter)                                   # round 1: no reference yet
@@ -68,7 +71,7 @@ class SubspaceReg(Method):
             optional[layer + REFERENCE_GAIN_SUFFIX] = ()
         return ExpectedTensors(required, optional)
 
-    def local_objective(self, received: dict[str, torch.Tensor], config) -> LocalObjective:
+    def local_objective(self, received: dict[str, torch.Tensor], config, round_index: int) -> LocalObjective:
         start = {name: value for name, value in received.items()
                  if not name.endswith((REFERENCE_SUFFIX, REFERENCE_GAIN_SUFFIX))}
         for name in [n for n in received if n.endswith(REFERENCE_SUFFIX)]:

@@ -14,7 +14,7 @@ from common.aggregation import AggregationSettings, FedAvg as FedAvgStep
 from common.codec import decode_tensors, encode_tensors
 from common.config import RunConfig
 from common.federated_data import partition_dataset
-from common.methods import PLUGIN_ENV, LocalObjective, Method, get_method, register
+from common.methods import PLUGIN_ENV, LocalObjective, Method, Recipient, get_method, register
 from common.methods.fedsvd import FedSvd
 from common.methods.subspace_reg import SubspaceReg
 from common.tasks import load_task_data
@@ -34,16 +34,16 @@ class FedAvgOfB(Method):
     label = "FedAvg (B only)"
     strategy = FedAvgStep()
 
-    def expected_upload(self, adapter):
+    def expected_upload(self, adapter, round_index):
         return ExpectedTensors.like({k: v for k, v in adapter.items() if not k.endswith(LORA_A_SUFFIX)})
 
     def complete_upload(self, adapter, upload):
         return {**upload, **{k: v for k, v in adapter.items() if k.endswith(LORA_A_SUFFIX)}}
 
-    def local_objective(self, received, config):
+    def local_objective(self, received, config, round_index):
         return LocalObjective(start=dict(received), train_a=False)
 
-    def upload(self, trained):
+    def upload(self, trained, round_index):
         return {k: v for k, v in trained.items() if not k.endswith(LORA_A_SUFFIX)}
 
 
@@ -89,7 +89,7 @@ class SubspaceRegFormerWire(SubspaceReg):
 
     name = "subspace_reg_former_wire"
 
-    def task_tensors(self, adapter, state):
+    def task_tensors(self, adapter, state, recipient):
         return {**adapter, **{k: v for k, v in state.items() if k.endswith(REFERENCE_SUFFIX)}}
 
     def expected_task(self, adapter):
@@ -97,9 +97,9 @@ class SubspaceRegFormerWire(SubspaceReg):
                     for n, t in adapter.items() if n.endswith(LORA_B_SUFFIX)}
         return ExpectedTensors(ExpectedTensors.like(adapter).required, optional)
 
-    def local_objective(self, received, config):
+    def local_objective(self, received, config, round_index):
         adapter = {k: v for k, v in received.items() if not k.endswith(REFERENCE_SUFFIX)}    # U was dropped
-        return super().local_objective(adapter, config)
+        return super().local_objective(adapter, config, round_index)
 
 
 class FedSvdFormerWire(FedSvd):
@@ -107,13 +107,13 @@ class FedSvdFormerWire(FedSvd):
 
     name = "fedsvd_former_wire"
 
-    def expected_upload(self, adapter):
+    def expected_upload(self, adapter, round_index):
         return ExpectedTensors.like(adapter)
 
     def complete_upload(self, adapter, upload):
         return upload
 
-    def upload(self, trained):
+    def upload(self, trained, round_index):
         return trained
 
 
@@ -140,7 +140,7 @@ def _simulate(model_dir: str, method_name: str, rounds: int = 3, clients: int = 
                                    max_update_norm=config.federation.max_effective_lora_update_norm)
     wire_bytes = []
     for round_index in range(1, rounds + 1):
-        specs, buffer = encode_tensors(method.task_tensors(adapter, state))
+        specs, buffer = encode_tensors(method.task_tensors(adapter, state, Recipient(round_index, rank=config.model.lora_rank)))
         updates, sent = [], len(buffer) * clients
         for index, trainer in enumerate(trainers):
             received = decode_tensors(specs, buffer)
@@ -148,10 +148,10 @@ def _simulate(model_dir: str, method_name: str, rounds: int = 3, clients: int = 
             result = trainer.train_round(round_index, received, seed=1000 * round_index + index)
             up_specs, up_buffer = encode_tensors(result.tensors)
             sent += len(up_buffer)
-            method.expected_upload(adapter).check_specs(up_specs, f"client {index}")
+            method.expected_upload(adapter, round_index).check_specs(up_specs, f"client {index}")
             whole = method.complete_upload(adapter, decode_tensors(up_specs, up_buffer))
             updates.append(ClientUpdate(f"client-{index}", result.num_examples, AdapterState.from_state_dict(whole)))
-        step = method.server_step(adapter, state, updates, settings)
+        step = method.server_step(adapter, state, updates, settings, round_index)
         adapter = {k: v.float() for k, v in step.adapter.to_state_dict().items()}
         state = {k: v.float() for k, v in step.state.items()}
         wire_bytes.append(sent)

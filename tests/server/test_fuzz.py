@@ -55,7 +55,7 @@ def mutated_upload(rng: random.Random, client_id: str, base: dict[str, torch.Ten
     header, spec = upload.header, rng.choice(upload.header.payload.tensors)
     kind = rng.randrange(22)
     if kind == 0:
-        header.protocol_version = rng.choice([0, 2, 7, 2**32 - 1])
+        header.protocol_version = rng.choice([0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 5, 2**32 - 1])
     elif kind == 1:
         header.client_id = rng.randbytes(rng.randrange(0, 40)).hex()
     elif kind == 2:

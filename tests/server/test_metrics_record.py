@@ -15,8 +15,8 @@ def _update(name: str, n: int) -> ClientUpdate:
 
 def test_metrics_record_from_hand_made_inputs():
     state = RoundState(index=4, sampled={"id-a": 2, "id-b": 0, "id-c": 1},
-                       names={"id-a": "alice", "id-b": "bob", "id-c": "carol"}, specs=[], buffer=b"x" * 100,
-                       attempt=1, opened_at=1000.0)
+                       names={"id-a": "alice", "id-b": "bob", "id-c": "carol"}, attempt=1,
+                       opened_at=1000.0, bytes_down=100 * 4, residual_bytes_down=120)   # 4 deliveries of 100 bytes
     # Uploads arrive out of partition order; carol missed the deadline; alice fetched her task twice.
     state.updates["id-a"] = (_update("alice", 30), UploadStats(train_loss=1.0, train_seconds=2.0, local_steps=5,
                                                                payload_bytes=40))
@@ -40,7 +40,7 @@ def test_metrics_record_from_hand_made_inputs():
         "participants": ["bob", "alice"], "partitions": [0, 2], "num_examples": [10, 30],   # partition order
         "sampled": ["alice", "bob", "carol"], "stragglers": ["carol"],
         "dropped": [{"client": "carol", "reason": "missed the round deadline (60s)"}],
-        "attempt": 1, "bytes_down": 100 * 4, "bytes_up": 100,
+        "attempt": 1, "bytes_down": 100 * 4, "residual_bytes_down": 120, "bytes_up": 100,
         "client_train_seconds": {"bob": 4.0, "alice": 2.0}, "mean_client_train_seconds": 3.0,
         "local_steps": {"bob": 6, "alice": 5}, "aggregation_seconds": 0.25, "eval_seconds": 1.5,
         "round_seconds": 12.5, "timestamp": 1012.5,
