@@ -241,7 +241,7 @@ class Coordinator:
                     # Fetching again is allowed (the stream may have broken); the payload is identical.
                     recipient = Recipient(round=current.index, rank=record.rank,
                                           base_residual_round=base_residual_round)
-                    payload = self._task_payload(current, recipient)
+                    payload = self._task_payload(current, client_id, recipient)
                     current.deliveries[client_id] = current.deliveries.get(client_id, 0) + 1
                     current.bytes_down += len(payload.buffer)
                     current.residual_bytes_down += payload.residual_bytes
@@ -255,20 +255,28 @@ class Coordinator:
                     return WaitHint(reason=reason)
                 self._changed.wait(remaining)
 
-    def _task_payload(self, current: RoundState, recipient: Recipient) -> TaskPayload:
+    def _task_payload(self, current: RoundState, client_id: str, recipient: Recipient) -> TaskPayload:
         """The encoded task for one recipient: the method's tensors, truncated to its rank, in the wire dtype
-        (base-weight residuals in float32). Encoded once per distinct (rank, residual state) and kept for the round."""
+        (base-weight residuals in float32). A task without catch-up residual is encoded once per rank and shared;
+        one that catches a client up is kept for that client alone (replaced if it asks again for another state),
+        so a client cannot make the coordinator hold one payload per residual state it claims."""
+        up_to_date = not self.method.base_residual_suffixes or recipient.base_residual_round == self._completed_rounds
         key = (recipient.rank, recipient.base_residual_round)
-        if key not in current.payloads:
-            tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
-                                       recipient.rank)
-            residual = self.method.base_residual_suffixes
-            wire = {name: t if residual and name.endswith(residual) else t.to(self.wire_dtype)
-                    for name, t in tensors.items()}
-            specs, buffer = encode_tensors(wire)
-            residual_bytes = sum(spec.nbytes for spec in specs if residual and spec.name.endswith(residual))
-            current.payloads[key] = TaskPayload(specs, buffer, residual_bytes)
-        return current.payloads[key]
+        cached = current.payloads.get(key) if up_to_date else current.catch_up.get(client_id)
+        if cached is not None and (up_to_date or cached[0] == key):
+            return cached if up_to_date else cached[1]
+        tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
+                                   recipient.rank)
+        residual = self.method.base_residual_suffixes
+        wire = {name: t if residual and name.endswith(residual) else t.to(self.wire_dtype)
+                for name, t in tensors.items()}
+        specs, buffer = encode_tensors(wire)
+        payload = TaskPayload(specs, buffer, sum(spec.nbytes for spec in specs if residual and spec.name.endswith(residual)))
+        if up_to_date:
+            current.payloads[key] = payload
+        else:
+            current.catch_up[client_id] = (key, payload)
+        return payload
 
     def _expected_upload(self, record: ClientRecord, round_index: int) -> ExpectedTensors:
         """What this client's upload must hold: the method's say, at the client's rank."""

@@ -47,6 +47,7 @@ class RoundState:
     names: dict[str, str]                          # client id -> name
     attempt: int = 0                               # > 0 when the round is retried below quorum
     payloads: dict[tuple[int, int], TaskPayload] = field(default_factory=dict)   # (rank, residual round) -> task
+    catch_up: dict[str, tuple[tuple[int, int], TaskPayload]] = field(default_factory=dict)   # client id -> its task
     bytes_down: int = 0                            # task bytes sent this round, every delivery counted
     residual_bytes_down: int = 0                   # of which base-weight residual (fedex_lora)
     opened_at: float = field(default_factory=time.time)

@@ -20,10 +20,10 @@ def _grid(**changes) -> dict:
     return grid
 
 
-def test_cpu_grid_is_7_methods_x_3_seeds_plus_the_heterogeneous_rank_scenario():
+def test_cpu_grid_is_7_methods_x_3_seeds_plus_the_heterogeneous_rank_and_bf16_wire_scenarios():
     grid = GridConfig.load(ROOT / "configs" / "grid_cpu.yaml")
     cells = grid.cells()
-    assert len(cells) == 7 * 3 + 3 * 3 and grid.output_root == "runs/cpu_grid"
+    assert len(cells) == 7 * 3 + 3 * 3 + 1 * 3 and grid.output_root == "runs/cpu_grid"
     minilm = [c for c in cells if c.model.name == "minilm"]
     hetrank = [c for c in cells if c.model.name == "minilm-hetrank"]
     assert {c.method for c in minilm} == {"fedavg", "svd", "fedsvd", "subspace_reg", "ffa_lora", "rolora",
@@ -39,6 +39,10 @@ def test_cpu_grid_is_7_methods_x_3_seeds_plus_the_heterogeneous_rank_scenario():
     assert ranks == [8, 2, 4, 8, 2, 4, 8, 2, 4, 8] and len(ranks) == hetrank[0].expected["num_clients"]
     assert set(ranks) == {2, 4, 8} and hetrank[0].expected.get("lora_rank", 8) == 8
     assert "client_ranks" not in first.expected
+    assert first.expected["sampling_seeds"] == "independent" and first.expected["wire_dtype"] == "float32"
+    bf16 = [c for c in cells if c.model.name == "minilm-bf16-wire"]
+    assert [(c.method, c.seed) for c in bf16] == [("subspace_reg", s) for s in (42, 43, 44)]
+    assert bf16[0].expected["wire_dtype"] == "bfloat16"
 
 
 def test_reference_grid_runs_both_study_models_with_their_own_configs():
