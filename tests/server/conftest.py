@@ -25,6 +25,7 @@ class StandInModel:
 
     def __init__(self) -> None:
         self.evaluated: list[dict[str, torch.Tensor]] = []
+        self.base_increments: list[dict] = []
 
     def evaluate(self, tensors):
         self.evaluated.append(tensors)
@@ -33,6 +34,9 @@ class StandInModel:
     def save(self, tensors, directory):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "adapter_model.safetensors").write_bytes(b"")
+
+    def add_to_base(self, increment):
+        self.base_increments.append(increment)
 
 
 def small_state(d: int = 12, k: int = 10, r: int = 2) -> dict[str, torch.Tensor]:
