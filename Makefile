@@ -16,10 +16,11 @@ GRID ?= configs/grid_cpu.yaml
 GRID_ARGS ?=
 RUNS ?= runs/cpu_grid
 OUT ?= $(RUNS)/report
+ARCHIVE ?= docs/results/cpu_grid/runs
 
 RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(ROUNDS)) $(if $(CLIENTS),num_clients=$(CLIENTS)) $(ARGS)
 
-.PHONY: help setup proto run experiment report smoke test bench certs clean docker-test docker-check
+.PHONY: help setup proto run experiment report archive smoke test bench certs clean docker-test docker-check
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
@@ -27,6 +28,8 @@ help:
 	@echo "make experiment  every (model, method, seed) of a grid as a real federation, then its report"
 	@echo "              GRID=configs/grid_cpu.yaml GRID_ARGS='--dry-run | --only method=fedavg | --keep-going'"
 	@echo "make report   tables (summary.md, summary.csv) and plots over run directories: RUNS=dir OUT=dir"
+	@echo "make archive  copy completed runs' result files (config, metrics, summary) from RUNS to ARCHIVE, to commit;"
+	@echo "              swap them (RUNS=archive ARCHIVE=runs/cpu_grid) to continue a grid from an archive"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
 	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, then a 300-round soak (bench.soak)"
@@ -55,6 +58,9 @@ experiment: proto
 
 report: $(STAMP)
 	$(PYTHON) -m experiments.report $(RUNS) --out $(OUT)
+
+archive: $(STAMP)
+	$(PYTHON) -m experiments.archive $(RUNS) $(ARCHIVE)
 
 smoke: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \
