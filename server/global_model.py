@@ -34,6 +34,7 @@ class ServerModel:
     def save(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
         self.built.save_adapter(tensors, directory)
 
-    def add_to_base(self, increment: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """A base-weight residual (fedex_lora), folded in exactly as every client folds it in."""
+    def add_to_base(self, increment: dict) -> None:
+        """A base-weight residual (fedex_lora), folded in exactly as every client folds it in: per layer, factors
+        (B (d, m), A (m, k)) or a dense (d, k) tensor (``fedex_lora.base_residual_through``, to rebuild a round's model)."""
         self.built.add_to_base_weights(increment)

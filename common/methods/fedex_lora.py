@@ -55,6 +55,26 @@ def read_log(state: dict[str, torch.Tensor]) -> dict[int, dict[str, tuple[torch.
     return dict(sorted(log.items()))
 
 
+def base_residual_through(state: dict[str, torch.Tensor], round_index: int) -> dict[str, torch.Tensor]:
+    """Layer -> the dense residual (d, k) folded into its base weight after round ``round_index``: the sum of
+    the logged increments of rounds 1..round_index, in float64. The log only grows, so the last checkpoint of
+    a run holds every round's: the model evaluated after round t is the pretrained base plus this, plus
+    adapters/round_t (or adapters/best, whose round.txt names t), e.g.
+    ``built.add_to_base_weights(base_residual_through(RunDirectory(run).load_checkpoint()[1], t))``."""
+    log = read_log(state)
+    if round_index > 0 and round_index not in log:
+        raise ValueError(f"the residual log ends at round {max(log, default=0)}; round {round_index} was not "
+                         f"committed in this run (or the state is not fedex_lora's)")
+    merged: dict[str, torch.Tensor] = {}
+    for logged_round, increments in log.items():
+        if logged_round > round_index:
+            break
+        for layer, (b_res, a_res) in increments.items():
+            product = b_res.to(COMPUTE_DTYPE) @ a_res.to(COMPUTE_DTYPE)          # (d, k)
+            merged[layer] = product if layer not in merged else merged[layer] + product
+    return merged
+
+
 def _residual_factors(uploads, weights: torch.Tensor, layer: str, global_b: torch.Tensor, global_a: torch.Tensor,
                       scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """B_R = [s p_i B_i .., -s B_g] (d, (K+1) r), A_R = [A_i; ..; A_g] ((K+1) r, k), in float64."""

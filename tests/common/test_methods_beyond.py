@@ -1,5 +1,6 @@
 """FFA-LoRA, RoLoRA, FedEx-LoRA, heterogeneous client ranks and the reduced-precision wire, against dense
-references (the products formed, float64) and the properties each method promises (docs/DESIGN.md §4.5-§4.9)."""
+references (the products formed, float64) and the properties each method promises (docs/DESIGN.md §4.0,
+§4.2, §4.11-§4.13)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from common.adapter import (LORA_A_SUFFIX, LORA_B_SUFFIX, REFERENCE_GAIN_SUFFIX,
 from common.aggregation import AggregationSettings
 from common.methods import Recipient, get_method
 from common.methods.fedex_lora import (LOG_PREFIX, RESIDUAL_A_SUFFIX, RESIDUAL_B_SUFFIX, RESIDUAL_DENSE_SUFFIX,
-                                       read_log)
+                                       base_residual_through, read_log)
 from common.methods.rolora import trains_b
 
 F64 = torch.float64
@@ -207,6 +208,11 @@ def test_fedex_lora_global_model_is_the_exact_mean_of_the_client_models_over_rou
     assert clients[3].dense_deliveries == len(LAYERS)        # 4 rounds of (K+1) r columns: the dense sum was smaller
     assert sorted(read_log(state)) == list(schedule)         # every round's increment is in the kept state
     assert method.base_increments(state)[0].keys() == set(LAYERS)
+    merged = base_residual_through(state, len(schedule))      # what a user adds to rebuild the evaluated model
+    for layer in LAYERS:
+        torch.testing.assert_close(base[layer] + merged[layer], evaluator[layer], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="the residual log ends at round 6"):
+        base_residual_through(state, 7)
 
 
 def test_fedex_lora_residual_of_a_round_equals_the_dense_formula():

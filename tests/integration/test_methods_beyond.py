@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from common.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, REFERENCE_SUFFIX
 from common.methods.fedex_lora import (LOG_PREFIX, RESIDUAL_A_SUFFIX, RESIDUAL_B_SUFFIX, RESIDUAL_DENSE_SUFFIX,
-                                       read_log)
+                                       base_residual_through, read_log)
 from server.outputs import RunDirectory
 from tests.integration.conftest import run_federation, tiny_run_config
 from tests.integration.harness import Federation, free_port
@@ -95,6 +95,18 @@ def test_fedex_lora_sends_each_client_the_residual_it_lacks_and_aggregates_exact
             caught_up += len(pending) > 1
             last = round_index - 1
     assert caught_up >= 1, "no client skipped a round: the catch-up path was not exercised"
+    # The evaluated model is the pretrained base + the logged residual through round 4 + adapters/round_004.
+    from common.config import RunConfig
+    from common.tasks import load_task_data
+    from server.global_model import ServerModel
+
+    config = RunConfig.load(run.run_dir / "config.yaml")
+    data = load_task_data(config.data, seed=config.federation.seed)
+    rebuilt = ServerModel(config, data.eval, len(data.label_names), device="cpu")
+    rebuilt.add_to_base(base_residual_through(RunDirectory(run.run_dir).load_checkpoint()[1], 4))
+    evaluation = rebuilt.evaluate(_adapter(run.run_dir, 4))
+    assert evaluation["accuracy"] == metrics[-1]["accuracy"]
+    assert abs(evaluation["loss"] - metrics[-1]["loss"]) < 1e-6
 
 
 def test_fedex_lora_kill9_and_resume_keeps_the_residual_log_and_the_adapter_bit_for_bit(tmp_path, tiny_model_dir):
