@@ -22,7 +22,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m client",
         description="Run one federated LoRA client: it joins the coordinator, receives the run configuration "
                     "and its data partition, then trains locally whenever it is sampled, until the run is over.",
-        epilog="Example: python -m client --coordinator coordinator.example:50051 --name gpu-host-1 --device cuda:0",
+        epilog="Example: python -m client --coordinator coordinator.example:50051 --name gpu-host-1 --device cuda:0. "
+               "One client on 4 GPUs (rank 0 speaks to the coordinator, every rank trains with DDP): "
+               "torchrun --standalone --nproc-per-node 4 -m client --coordinator coordinator.example:50051 "
+               "--name gpu-host-1 --device cuda",
     )
     parser.add_argument("--coordinator", required=True, help="host:port of the coordinator")
     parser.add_argument("--name", default=None,
@@ -48,54 +51,70 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="send the token without TLS to a coordinator that is not on loopback; acceptable only "
                              "on a private network that no one else can reach, such as the compose network on one "
                              "host (default: refuse, exit 2)")
+    parser.add_argument("--dist-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                        help="under torchrun (one client as several processes): how long a rank waits in a "
+                             "collective for the others before the whole client stops (default: 300)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     return parser.parse_args(argv)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds, e.g. 300")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    from client.connection import ClientSetupError
+    from client.distributed import TorchrunEnv
+
+    try:
+        torchrun = TorchrunEnv.from_environ(os.environ)
+    except ClientSetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Under torchrun every rank logs, to the same console: say which one speaks.
+    who = name if torchrun is None else f"{name} rank {torchrun.rank}/{torchrun.world_size}"
     logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s")
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             print(f"error: --device {args.device} but CUDA is not available here; use --device cpu", file=sys.stderr)
             return 2
-    from client.connection import (ClientSecurity, ClientSetupError, CoordinatorGone, CorruptTask, InvalidTask,
-                                   JoinRefused, NotAuthenticated)
-    from client.runtime import ClientOptions, RunChanged, run_client
+    from client.connection import ClientSecurity
+    from client.distributed import DEFAULT_TIMEOUT_S
+    from client.exit_codes import exit_code
+    from client.runtime import ClientOptions, run_client
 
     token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("SUBSPACEFL_TOKEN")
     security = ClientSecurity(token=token or None, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               allow_insecure_token=args.allow_insecure_token)
     options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
                             partition=args.partition, patience_s=args.patience, save_received=args.save_received,
-                            threads=args.threads, rank=args.rank, security=security)
+                            threads=args.threads, rank=args.rank, security=security,
+                            dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S)
     logger = logging.getLogger("client")
     try:
         return run_client(options)
-    except ClientSetupError as error:     # a token without TLS, unreadable certificate files
+    except ClientSetupError as error:     # a token without TLS, unreadable certificate files, a bad torchrun setup
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except CoordinatorGone as error:
-        logger.error("%s", error)
-        return 3
-    except NotAuthenticated as error:
-        logger.error("%s", error)
-        return 4
-    except RunChanged as error:
-        logger.error("%s", error)
-        return 5
-    except JoinRefused as error:
-        logger.error("%s", error)
-        return 2
-    except (InvalidTask, CorruptTask) as error:     # never train on it: stop, the coordinator drops this client
-        logger.error("%s", error)
-        return 6
+        return exit_code(error)
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        code = exit_code(error)
+        if code == 1:                     # unexpected: the traceback says where
+            raise
+        logger.error("%s", error)         # CoordinatorGone, NotAuthenticated, RunChanged, JoinRefused, bad tasks
+        return code
 
 
 if __name__ == "__main__":

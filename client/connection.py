@@ -69,6 +69,10 @@ class JoinRefused(RuntimeError):
     """The coordinator refused to register this client (its name, partition or declared size)."""
 
 
+class RunChanged(RuntimeError):
+    """After a reconnect the coordinator serves a different run than the one this client joined."""
+
+
 class CorruptTask(RuntimeError):
     """A task arrived damaged in transit (truncated, digest mismatch): fetching it again may help."""
 

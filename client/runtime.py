@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask,
-                               RunFinished, WaitHint)
+                               RunChanged, RunFinished, WaitHint)
+from client.distributed import (DEFAULT_TIMEOUT_S, SOLO, DataParallelGroup, RankGroup, TorchrunEnv, rank_device,
+                                start_process_group, stop_process_group)
+from client.exit_codes import exit_code
+from client.handoff import ALONE, FINISHED, TASK, Alone, Handoff, Order
 from client.trainer import LocalTrainer
 from common.config import RunConfig
 from common.federated_data import fingerprint, partition_dataset
@@ -38,10 +43,13 @@ class ClientOptions:
     rank: int = 0
     """The LoRA rank to train at (--rank; heterogeneous ranks, at most the run's lora_rank); 0: the run's."""
     security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S
+    """Under torchrun: how long a rank waits in a collective for the others before the job fails."""
 
-
-class RunChanged(RuntimeError):
-    """After a reconnect the coordinator serves a different run than the one this client joined."""
+    def __post_init__(self) -> None:
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"--dist-timeout {self.dist_timeout_s}: must be a positive number of seconds "
+                             f"(default {DEFAULT_TIMEOUT_S:.0f})")
 
 
 def _load_rows(config: RunConfig, options: ClientOptions, partition_index: int, expected_fingerprint: str):
@@ -92,10 +100,38 @@ class ClientSession:
 
 
 def run_client(options: ClientOptions) -> int:
+    """Run this client until the run is over (0) or it must stop (an exception; client/exit_codes.py).
+    Started by torchrun with several processes, each is one rank of the client (client/distributed.py)."""
+    torchrun = TorchrunEnv.from_environ(os.environ)
+    if torchrun is None:
+        return _lead(options, ALONE, SOLO, options.device)
+    device = rank_device(options.device, torchrun)
+    start_process_group(torchrun, device, options.dist_timeout_s)
+    group = DataParallelGroup(torchrun, device)
+    handoff = Handoff(options.dist_timeout_s)
+    if torchrun.rank == 0:
+        try:
+            code = _lead(options, handoff, group, device)
+        except BaseException as error:
+            handoff.abort(exit_code(error), str(error))
+            raise
+        handoff.finished()
+    else:
+        code = _follow(options, handoff, group, device)
+    # Only after an orderly end: after an error a peer may be gone, and tearing down could wait on it.
+    stop_process_group()
+    return code
+
+
+def _lead(options: ClientOptions, followers: Alone | Handoff, group: RankGroup, device: str) -> int:
+    """The client's side of the protocol, on a single-process client or on rank 0: join, then fetch, train
+    and upload until the run is over. ``followers`` are the other ranks (none for a single process): every
+    coordinator call goes through ``followers.wait_on``, and what they need to train is handed to them."""
     connection = CoordinatorConnection(options.coordinator, patience_s=options.patience_s, security=options.security)
     try:
-        session = ClientSession(connection, options)
+        session = followers.wait_on(lambda: ClientSession(connection, options))
         info = session.info
+        followers.joined(info)
         config = RunConfig.from_json(info.run_config_json)
         torch.set_num_threads(options.threads or config.train.torch_threads)
         rank = info.lora_rank or config.model.lora_rank
@@ -106,14 +142,15 @@ def run_client(options: ClientOptions) -> int:
         if options.data:
             # Own data: its size is known only now (loading it needs the run's config); declare it, and every
             # upload of this session is bound to it.
-            session.rejoin(num_examples=len(rows))
-        trainer = LocalTrainer(config, rows, num_labels, device=options.device, rank=rank)
+            followers.wait_on(lambda: session.rejoin(num_examples=len(rows)))
+        trainer = LocalTrainer(config, rows, num_labels, device=device, rank=rank, group=group)
         expected = trainer.expected_task()
         corrupt_fetches = 0
         while True:
             try:
                 try:
-                    task = connection.next_task(session.client_id, expected, trainer.base_residual_round)
+                    task = followers.wait_on(lambda: connection.next_task(session.client_id, expected,
+                                                                          trainer.base_residual_round))
                     corrupt_fetches = 0
                 except CorruptTask as damaged:
                     corrupt_fetches += 1
@@ -123,7 +160,7 @@ def run_client(options: ClientOptions) -> int:
                     continue
                 if isinstance(task, WaitHint):       # not sampled: the long poll already waited
                     continue
-                _do_round(connection, session, trainer, task, options)
+                _do_round(connection, session, trainer, task, options, followers)
             except RunFinished as finished:
                 after = "" if finished.rounds_completed is None else f" after {finished.rounds_completed} rounds"
                 log.info("run over%s: %s", after, finished.reason)
@@ -132,23 +169,53 @@ def run_client(options: ClientOptions) -> int:
                 if error.code() != grpc.StatusCode.NOT_FOUND:
                     raise
                 log.warning("the coordinator does not know this session (%s); rejoining", error.details())
-                session.rejoin()
+                followers.wait_on(session.rejoin)
     finally:
         connection.close()
 
 
+def _follow(options: ClientOptions, handoff: Handoff, group: RankGroup, device: str) -> int:
+    """Ranks 1..N-1 of a distributed client: the same model and data as rank 0, trained on the tasks it
+    hands over, until it says the run is over (0) or that it stopped (its exit code)."""
+    order, _ = handoff.receive()
+    if order.join is None:
+        return _stopped(order)
+    info = order.join
+    config = RunConfig.from_json(info.run_config_json)
+    torch.set_num_threads(options.threads or config.train.torch_threads)
+    rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
+    trainer = LocalTrainer(config, rows, num_labels, device=device, rank=info.lora_rank or config.model.lora_rank,
+                           group=group, show_progress=False)
+    log.info("rank %d/%d ready on %s", group.rank, group.world_size, device)
+    while True:
+        order, tensors = handoff.receive()
+        if order.kind != TASK:
+            return _stopped(order)
+        trainer.train_round(order.round, tensors, order.round_seed, order.base_residual_round)
+
+
+def _stopped(order: Order) -> int:
+    if order.kind == FINISHED:
+        log.info("run over (rank 0 says)")
+        return 0
+    log.error("rank 0 stopped (exit %d): %s", order.exit_code, order.reason)
+    return order.exit_code
+
+
 def _do_round(connection: CoordinatorConnection, session: ClientSession, trainer: LocalTrainer,
-              task: ReceivedTask, options: ClientOptions) -> None:
+              task: ReceivedTask, options: ClientOptions, followers: Alone | Handoff) -> None:
     log.info("round %d: received %d tensors (%.2f MB), training", task.round, len(task.tensors),
              task.payload_bytes / 1e6)
     if options.save_received:
         target = Path(options.save_received)
         target.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in task.tensors.items()}, str(target / f"round_{task.round:03d}.safetensors"))
+    followers.task(task)                     # every rank trains on it; rank 0 alone uploads
     result = trainer.train_round(task.round, task.tensors, task.round_seed, task.base_residual_round)
     try:
-        reply = connection.submit(session.client_id, task.round, result.num_examples, result.tensors,
-                                  result.train_loss, result.train_seconds, result.local_steps)
+        reply = followers.wait_on(lambda: connection.submit(session.client_id, task.round, result.num_examples,
+                                                            result.tensors, result.train_loss,
+                                                            result.train_seconds, result.local_steps))
         log.info("round %d: trained %d steps in %.1fs (loss %.4f), uploaded %d bytes", task.round,
                  result.local_steps, result.train_seconds, result.train_loss, reply.bytes_received)
     except grpc.RpcError as error:

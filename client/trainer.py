@@ -3,6 +3,12 @@
 A pure function of (run configuration, client rows, global adapter, round seed)
 on CPU: the seed fixes the shuffling and dropout, the optimizer starts fresh
 every round (AdamW, weight decay 0, as in the reference study).
+
+On a client of several ranks (torchrun, client/distributed.py) every rank runs this same loop: the
+same shuffled order, global batches of per_device_train_batch_size x ranks rows of which each rank
+takes its own slice, gradients averaged by DDP before clipping and the optimizer step, and
+max_local_steps counting global batches. Up to float rounding (and dropout, drawn per rank) that is
+one process training on the global batches.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from client.distributed import SOLO, RankGroup
 from common.codec import DTYPES
 from common.config import ModelConfig, RunConfig
 from common.methods import get_method
@@ -40,9 +47,11 @@ class LocalResult:
 
 class LocalTrainer:
     def __init__(self, config: RunConfig, rows: list[dict], num_labels: int, device: str = "cpu",
-                 show_progress: bool | None = None, rank: int | None = None) -> None:
+                 show_progress: bool | None = None, rank: int | None = None, group: RankGroup = SOLO) -> None:
         if not rows:
             raise ValueError("this client has no training rows; check its partition or --data file")
+        self.group = group
+        """The ranks this client trains with (SOLO: this process alone)."""
         self.config = config
         self.rows = rows
         self.device = device
@@ -60,10 +69,15 @@ class LocalTrainer:
         """What a task for this model must hold, as the method sends it (common/methods/)."""
         return self.method.expected_task(self.built.get_adapter_state())
 
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per micro-batch over all ranks: per_device_train_batch_size x ranks."""
+        return self.config.train.per_device_train_batch_size * self.group.world_size
+
     def _micro_batches(self, generator: torch.Generator) -> Iterator[list[dict]]:
-        """One or more shuffled epochs, capped at max_local_steps micro-batches."""
+        """One or more shuffled epochs of global micro-batches, capped at max_local_steps of them."""
         train = self.config.train
-        batch = train.per_device_train_batch_size
+        batch = self.global_batch_size
         cap = train.max_local_steps
         produced = 0
         for _ in range(train.local_epochs):
@@ -76,7 +90,7 @@ class LocalTrainer:
 
     def _num_micro_batches(self) -> int:
         train = self.config.train
-        per_epoch = -(-len(self.rows) // train.per_device_train_batch_size)
+        per_epoch = -(-len(self.rows) // self.global_batch_size)
         total = per_epoch * train.local_epochs
         return total if train.max_local_steps is None else min(total, train.max_local_steps)
 
@@ -98,29 +112,43 @@ class LocalTrainer:
         train = self.config.train
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
 
-        torch.manual_seed(seed)                                  # dropout
-        generator = torch.Generator().manual_seed(seed)          # shuffling
+        group = self.group
+        torch.manual_seed(group.dropout_seed(seed))              # dropout: the round seed on rank 0
+        generator = torch.Generator().manual_seed(seed)          # shuffling: the same order on every rank
         self.built.model.train()
         losses: list[float] = []
+        shard_rows: list[int] = []                                # rows of each micro-batch this rank trained on
+        batch_rows: list[int] = []                                # rows of each global micro-batch
         accumulation = train.gradient_accumulation_steps
         total = self._num_micro_batches()
         progress = tqdm(total=total, desc=f"round {round_index}", unit="batch", leave=False,
                         disable=None if self.show_progress is None else not self.show_progress)  # None: only on a terminal
         optimizer.zero_grad(set_to_none=True)
-        for step, rows in enumerate(self._micro_batches(generator), start=1):
-            batch = {k: v.to(self.device) for k, v in self.built.encode_batch(rows, self.config.data).items()}
-            task_loss, _ = self.built.compute_loss(batch)
-            loss = task_loss if objective.penalty is None else task_loss + objective.penalty(self.lora)
-            (loss / accumulation).backward()
-            if step % accumulation == 0 or step == total:
-                if train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(float(task_loss.detach()))
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        # Built after requires_grad is set above: DDP registers the parameters that train this round.
+        with group.data_parallel(self.built.model) as model:
+            built = dataclasses.replace(self.built, model=model)      # forward passes through the wrapper
+            for step, rows in enumerate(self._micro_batches(generator), start=1):
+                mine, share = group.shard(rows)                        # share: 1.0 for a full batch (exact)
+                stepping = step % accumulation == 0 or step == total
+                batch = {k: v.to(self.device) for k, v in built.encode_batch(mine, self.config.data).items()}
+                with group.gradient_sync(model, stepping):            # average the gradients at a step only
+                    task_loss, _ = built.compute_loss(batch)
+                    scaled = task_loss if share == 1.0 else task_loss * share
+                    # The penalty is the same on every rank, so the ranks' average keeps it whole.
+                    loss = scaled if objective.penalty is None else scaled + objective.penalty(self.lora)
+                    (loss / accumulation).backward()
+                if stepping:                                           # gradients are the ranks' average here
+                    if train.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                losses.append(float(task_loss.detach()))
+                shard_rows.append(len(mine) if share else 0)
+                batch_rows.append(len(rows))
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.4f}")
         progress.close()
+        losses = group.batch_losses(losses, shard_rows, batch_rows)     # the global batches' mean losses
         for A, B in self.lora.values():
             A.requires_grad_(True)
             B.requires_grad_(True)

@@ -161,6 +161,7 @@ def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 def _accepts(model: torch.nn.Module, argument: str) -> bool:
     """Whether the underlying transformers model's forward takes ``argument`` (PEFT passes kwargs through)."""
+    model = getattr(model, "module", model)     # a DistributedDataParallel wrapper passes kwargs through too
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return argument in inspect.signature(base.forward).parameters
