@@ -13,9 +13,12 @@ below reduces to the identity, so a single-process client trains exactly as it a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
+import signal
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +28,8 @@ import torch
 from client.connection import ClientSetupError
 
 log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1     # prctl(2): the signal this process gets when its parent dies
 
 DEFAULT_TIMEOUT_S = 300.0
 """How long a rank waits in a collective for the others before it gives up (--dist-timeout)."""
@@ -190,6 +195,23 @@ class DataParallelGroup(RankGroup):
         sums = sums.to(device)
         dist.all_reduce(sums)
         return (sums.cpu() / torch.tensor(sizes, dtype=torch.float64)).tolist()
+
+
+def die_with_the_agent() -> None:
+    """Have Linux stop this rank when its parent, torchrun's agent, dies: the agent stops its ranks when one
+    fails, but an agent killed outright (kill -9) cannot, and an orphaned rank 0 would go on speaking for a
+    client that is gone, under the name its restart comes back with. Elsewhere: nothing (best effort)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError) as error:
+        log.debug("cannot ask to be stopped with torchrun's agent: %r", error)
+        return
+    if os.getppid() != parent:        # the agent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def start_process_group(env: TorchrunEnv, device: str, timeout_s: float) -> None:

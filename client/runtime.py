@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask,
                                RunChanged, RunFinished, WaitHint)
-from client.distributed import (DEFAULT_TIMEOUT_S, SOLO, DataParallelGroup, RankGroup, TorchrunEnv, rank_device,
-                                start_process_group, stop_process_group)
+from client.distributed import (DEFAULT_TIMEOUT_S, SOLO, DataParallelGroup, RankGroup, TorchrunEnv,
+                                die_with_the_agent, rank_device, start_process_group, stop_process_group)
 from client.exit_codes import exit_code
 from client.handoff import ALONE, FINISHED, TASK, Alone, Handoff, Order
 from client.trainer import LocalTrainer
@@ -106,6 +106,7 @@ def run_client(options: ClientOptions) -> int:
     if torchrun is None:
         return _lead(options, ALONE, SOLO, options.device)
     device = rank_device(options.device, torchrun)
+    die_with_the_agent()
     start_process_group(torchrun, device, options.dist_timeout_s)
     group = DataParallelGroup(torchrun, device)
     handoff = Handoff(options.dist_timeout_s)
