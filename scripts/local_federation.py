@@ -4,6 +4,11 @@
 
 Each process logs to <run-dir>/logs/; this launcher prints one line per round
 and the run summary, and stops every process it started, whatever happens.
+
+With --nproc-per-client N every client is a torchrun job of N processes (one client,
+N ranks training with DDP; client/distributed.py); with --devices the devices are
+taken N at a time, e.g. --nproc-per-client 2 --devices cuda:0,cuda:1,cuda:2,cuda:3
+puts client 0 on cuda:0,1 and client 1 on cuda:2,3.
 """
 
 from __future__ import annotations
@@ -33,8 +38,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--devices", type=parse_devices, default=None, metavar="DEV1,DEV2",
                         help="spread the clients over these devices: client i trains on the (i mod n)-th, "
                              "e.g. cuda:0,cuda:1 (default: every client on the client's default device, cpu)")
+    parser.add_argument("--nproc-per-client", type=_positive_int, default=1, metavar="N",
+                        help="start each client as a torchrun job of N processes (ranks) training with DDP; the "
+                             "global batch is per_device_train_batch_size x N (default: 1, a plain process)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method=fedavg")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive whole number of processes, e.g. 2")
+    return value
 
 
 def parse_devices(text: str) -> list[str]:
@@ -47,6 +65,61 @@ def parse_devices(text: str) -> list[str]:
 def client_device_args(index: int, devices: list[str] | None) -> list[str]:
     """Round-robin over the given devices, as scripts/gpu_reference.sh does; none given: the client's default."""
     return ["--device", devices[index % len(devices)]] if devices else []
+
+
+def device_groups(devices: list[str], nproc: int) -> list[list[str]]:
+    """The devices taken ``nproc`` at a time, one group per torchrun client (clients take groups round-robin);
+    a group is all CPU, or numbered GPUs (cuda:N), each listed once."""
+    if len(devices) % nproc:
+        raise ValueError(f"--devices lists {len(devices)} devices, which do not split into groups of "
+                         f"--nproc-per-client {nproc}: list a multiple of {nproc}")
+    groups = [devices[start:start + nproc] for start in range(0, len(devices), nproc)]
+    for group in groups:
+        if all(device == "cpu" for device in group):
+            continue
+        if not all(device.startswith("cuda:") and device[5:].isdigit() for device in group):
+            raise ValueError(f"--devices group {','.join(group)}: a torchrun client's devices are all cpu or all "
+                             f"numbered GPUs (cuda:0,cuda:1)")
+        if len(set(group)) != len(group):
+            raise ValueError(f"--devices group {','.join(group)} names a GPU twice: each rank needs its own GPU")
+    return groups
+
+
+def torchrun_command(nproc: int, job_id: str) -> list[str]:
+    """``python -m torch.distributed.run`` (torchrun) for one client of ``nproc`` ranks on this host: what
+    --standalone does (a c10d rendezvous on a free port), with the endpoint named 127.0.0.1 rather than
+    localhost, so the job stays on loopback whatever localhost resolves to."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", job_id,
+            "--local-addr", "127.0.0.1"]
+
+
+def client_launch(index: int, address: str, devices: list[str] | None, nproc: int,
+                  environ: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Client ``index``'s command line and environment: a plain process, or a torchrun job whose GPUs are
+    chosen with CUDA_VISIBLE_DEVICES (rank r trains on the r-th of them, --device cuda)."""
+    identity = ["--coordinator", address, "--name", f"client-{index}", "--partition", str(index)]
+    if nproc == 1:
+        return [sys.executable, "-m", "client", *identity, *client_device_args(index, devices)], dict(environ)
+    env = dict(environ)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # the ranks talk over loopback, like everything here
+    device_args: list[str] = []
+    if devices:
+        groups = device_groups(devices, nproc)
+        group = groups[index % len(groups)]
+        if group[0] == "cpu":
+            device_args = ["--device", "cpu"]
+        else:
+            # cuda:N counts the GPUs this launcher sees: map through its own CUDA_VISIBLE_DEVICES, if set.
+            visible = [item for item in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+            indices = [int(device[5:]) for device in group]
+            if visible and max(indices) >= len(visible):
+                raise ValueError(f"--devices {','.join(group)}: CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']}"
+                                 f" shows only {len(visible)} GPU(s)")
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
+            device_args = ["--device", "cuda"]
+    return [*torchrun_command(nproc, f"client-{index}"), "-m", "client", *identity, *device_args], env
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -85,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         config = RunConfig.load(args.config, overrides)
-    except ConfigError as error:
+        if args.devices and args.nproc_per_client > 1:
+            device_groups(args.devices, args.nproc_per_client)
+    except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
@@ -118,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         address = address_file.read_text().strip()
         spread = f" over {','.join(args.devices)}" if args.devices else ""
-        print(f"coordinator on {address}; starting {num_clients} clients{spread} (logs in {run_dir}/logs/)", flush=True)
+        ranks = f" of {args.nproc_per_client} ranks each (torchrun)" if args.nproc_per_client > 1 else ""
+        print(f"coordinator on {address}; starting {num_clients} clients{ranks}{spread} (logs in {run_dir}/logs/)",
+              flush=True)
         for index in range(num_clients):
-            processes.append(_start([sys.executable, "-m", "client", "--coordinator", address,
-                                     "--name", f"client-{index}", "--partition", str(index),
-                                     *client_device_args(index, args.devices)],
-                                    run_dir / "logs" / f"client-{index}.log", env))
+            command, client_env = client_launch(index, address, args.devices, args.nproc_per_client, env)
+            processes.append(_start(command, run_dir / "logs" / f"client-{index}.log", client_env))
         printed = 0
         reported_exits: set[int] = set()
         metrics_path = run_dir / "metrics.jsonl"

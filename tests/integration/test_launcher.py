@@ -35,3 +35,74 @@ def test_launcher_rejects_a_bad_override_before_starting_anything(tmp_path):
                              "methd=fedavg"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "did you mean 'method'" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- clients as torchrun jobs
+
+
+def test_nproc_per_client_is_a_positive_number_of_processes():
+    from scripts.local_federation import parse_args
+
+    assert parse_args([]).nproc_per_client == 1
+    assert parse_args(["--nproc-per-client", "2"]).nproc_per_client == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--nproc-per-client", "0"])
+
+
+def test_a_plain_client_is_started_as_before():
+    from scripts.local_federation import client_launch
+
+    command, env = client_launch(1, "127.0.0.1:5", ["cuda:0", "cuda:1"], 1, {"A": "b"})
+    assert command == [sys.executable, "-m", "client", "--coordinator", "127.0.0.1:5", "--name", "client-1",
+                       "--partition", "1", "--device", "cuda:1"]
+    assert env == {"A": "b"}
+
+
+def test_a_torchrun_client_stays_on_loopback_and_gets_its_group_of_gpus():
+    from scripts.local_federation import client_launch
+
+    devices = ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    command, env = client_launch(0, "127.0.0.1:5", devices, 2, {})
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    words = " ".join(command)
+    assert "--nproc-per-node 2" in words and "--rdzv-endpoint 127.0.0.1:0" in words and "--local-addr 127.0.0.1" in words
+    assert command[command.index("-m", 3):] == ["-m", "client", "--coordinator", "127.0.0.1:5", "--name", "client-0",
+                                                "--partition", "0", "--device", "cuda"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert client_launch(1, "a:1", devices, 2, {})[1]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert client_launch(2, "a:1", devices, 2, {})[1]["CUDA_VISIBLE_DEVICES"] == "0,1"     # round-robin over groups
+    # cuda:N counts the GPUs the launcher sees: through its own CUDA_VISIBLE_DEVICES when that is set.
+    assert client_launch(1, "a:1", devices, 2, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"})[1]["CUDA_VISIBLE_DEVICES"] == "6,7"
+    command, env = client_launch(0, "a:1", ["cpu", "cpu"], 2, {})
+    assert command[-2:] == ["--device", "cpu"] and "CUDA_VISIBLE_DEVICES" not in env
+    assert "--device" not in client_launch(0, "a:1", None, 2, {})[0]                      # the client's default: cpu
+
+
+@pytest.mark.parametrize("devices, message", [
+    (["cuda:0", "cuda:1", "cuda:2"], "3 devices, which do not split into groups of --nproc-per-client 2"),
+    (["cuda:0", "cpu"], "all cpu or all numbered GPUs"),
+    (["cuda:0", "cuda:0"], "names a GPU twice"),
+])
+def test_device_groups_that_cannot_work_are_refused_before_anything_starts(tmp_path, devices, message):
+    result = subprocess.run([sys.executable, "-m", "scripts.local_federation", "--run-dir", str(tmp_path / "r"),
+                             "--nproc-per-client", "2", "--devices", ",".join(devices)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_launcher_runs_a_round_with_two_rank_clients(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.local_federation", "--config", "configs/minilm_bbc.yaml", "--tiny-model",
+         "--run-dir", str(run_dir), "--timeout", "400", "--nproc-per-client", "2", "num_rounds=1", "num_clients=2",
+         "max_train_samples=100", "max_eval_samples=40", "max_local_steps=2", "per_device_train_batch_size=4",
+         "method=fedavg"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=450)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "of 2 ranks each (torchrun)" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1
+    for index in range(2):
+        log = (run_dir / "logs" / f"client-{index}.log").read_text()
+        assert f"[client-{index} rank 1/2]" in log and "run over (rank 0 says)" in log, log[-3000:]
