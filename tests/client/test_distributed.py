@@ -16,6 +16,7 @@ from client.distributed import (SOLO, DataParallelGroup, DistributedSetupError, 
                                 rank_device, shard_bounds)
 from client.exit_codes import exit_code
 from client.handoff import tick_interval
+from tests.client.equivalence import assert_same_training
 from tests.integration.harness import free_port
 
 # --------------------------------------------------------------------------- the environment
@@ -101,6 +102,7 @@ SCENARIOS = {
     "uneven_last_batch": ("fedavg", 17, None, 2, 1),
 }
 PER_RANK_BATCH = 4
+LEARNING_RATE = 5e-3
 
 
 def _no_dropout_model(target: Path) -> str:
@@ -121,7 +123,8 @@ def _config(model_dir: str, method: str, batch: int, steps: int | None, accumula
     from tests.integration.conftest import tiny_run_config
 
     return RunConfig.from_flat(tiny_run_config(model_dir, method=method, per_device_train_batch_size=batch,
-                                               max_local_steps=steps, gradient_accumulation_steps=accumulation))
+                                               max_local_steps=steps, gradient_accumulation_steps=accumulation,
+                                               learning_rate=LEARNING_RATE))
 
 
 def _rows(count: int) -> list[dict]:
@@ -236,6 +239,6 @@ def test_two_ranks_at_batch_b_train_what_one_process_trains_at_batch_2b(two_rank
     solo, ranks, _ = two_ranks
     for expected, rank0, rank1 in zip(solo[scenario], ranks[0][scenario], ranks[1][scenario], strict=True):
         torch.testing.assert_close(rank0["tensors"], rank1["tensors"], rtol=0, atol=0)   # DDP keeps ranks equal
-        torch.testing.assert_close(rank0["tensors"], expected["tensors"])               # float32 tolerances
+        assert_same_training(rank0["tensors"], expected["tensors"], lr=LEARNING_RATE)
         assert rank0["loss"] == pytest.approx(expected["loss"], rel=1e-5)               # the global batches' loss
         assert (rank0["steps"], rank0["examples"]) == (expected["steps"], expected["examples"])

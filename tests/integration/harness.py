@@ -27,6 +27,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, theirs...), from /proc (Linux)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()    # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue                                               # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
 class Federation:
     def __init__(self, workdir: Path, config: dict, host: str = "127.0.0.1", port: int = 0,
                  wrap: Callable[[str, list[str]], list[str]] | None = None) -> None:
@@ -45,10 +62,10 @@ class Federation:
         self._processes: list[subprocess.Popen] = []
         self._starts = 0
 
-    def _start(self, role: str, args: list[str], log_name: str) -> subprocess.Popen:
+    def _start(self, role: str, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self._starts += 1
         log = open(self.logs / log_name, "a")
-        process = subprocess.Popen(self.wrap(role, [sys.executable, *args]), cwd=ROOT, env=self.env,
+        process = subprocess.Popen(self.wrap(role, [sys.executable, *args]), cwd=ROOT, env=env or self.env,
                                    stdout=log, stderr=subprocess.STDOUT)
         self._processes.append(process)
         return process
@@ -87,6 +104,18 @@ class Federation:
         process = self._start(f"client-{index}", [
             "-m", "client", "--coordinator", address or self.client_address(), "--name", f"client-{index}",
             "--patience", "90", *extra], f"client-{index}.log")
+        self.clients[index] = process
+        return process
+
+    def start_torchrun_client(self, index: int, nproc: int, *extra: str) -> subprocess.Popen:
+        """Client ``index`` as a torchrun job of ``nproc`` CPU ranks (gloo), as scripts.local_federation starts
+        it: rendezvous on 127.0.0.1, gloo on loopback. ``clients[index]`` is torchrun's agent."""
+        from scripts.local_federation import torchrun_command
+
+        command = torchrun_command(nproc, f"client-{index}-{self._starts}")[1:]      # [python] comes from _start
+        process = self._start(f"client-{index}", [
+            *command, "-m", "client", "--coordinator", self.client_address(), "--name", f"client-{index}",
+            "--patience", "90", *extra], f"client-{index}.log", env={**self.env, "GLOO_SOCKET_IFNAME": "lo"})
         self.clients[index] = process
         return process
 
@@ -135,6 +164,13 @@ class Federation:
         return code
 
     def close(self) -> None:
+        # torchrun's ranks run in sessions of their own: find them before their agent goes.
+        ranks = [pid for process in self._processes if process.poll() is None for pid in descendants(process.pid)]
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for process in self._processes:
             if process.poll() is None:
                 try:

@@ -1,0 +1,137 @@
+"""One client as a torchrun job of 2 CPU ranks (gloo, on 127.0.0.1) in real federations: it uploads what one
+process uploads at twice the batch, and a rank killed mid-round takes the whole client down, the coordinator
+drops it, and the same command brings it back under its name and partition."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.client.equivalence import assert_same_training
+from tests.integration.conftest import tiny_run_config
+from tests.integration.harness import Federation, descendants
+
+pytestmark = pytest.mark.integration
+
+PER_RANK_BATCH = 4
+
+
+def _no_dropout_copy(tiny_model_dir: str, target: Path) -> str:
+    """Dropout masks are drawn per rank: only without dropout do 2 ranks compute what one process computes."""
+    shutil.copytree(tiny_model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+def test_two_ranks_at_batch_b_upload_what_one_process_uploads_at_batch_2b(tmp_path, tiny_model_dir):
+    model = _no_dropout_copy(tiny_model_dir, tmp_path / "model")
+    # One client holding all 240 rows, 3 global batches of 8 (all full), subspace_reg's penalty, one round.
+    settings = {"num_clients": 1, "num_rounds": 1, "max_local_steps": 3, "method": "subspace_reg"}
+    one_process = tiny_run_config(model, per_device_train_batch_size=2 * PER_RANK_BATCH, **settings)
+    two_ranks = tiny_run_config(model, per_device_train_batch_size=PER_RANK_BATCH, **settings)
+    with Federation(tmp_path / "one", one_process) as one, Federation(tmp_path / "two", two_ranks) as two:
+        one.start_coordinator()
+        two.start_coordinator()
+        one.wait_address()
+        two.wait_address()
+        one.start_client(0)
+        two.start_torchrun_client(0, nproc=2)
+        assert one.finish(300) == 0, one.log("coordinator.log")[-3000:]
+        assert two.finish(300) == 0, two.log("coordinator.log")[-3000:] + two.log("client-0.log")[-5000:]
+        assert two.clients[0].returncode == 0, two.log("client-0.log")[-5000:]   # torchrun: every rank exited 0
+        log = two.log("client-0.log")
+        assert "[client-0 rank 1/2]" in log and "run over (rank 0 says)" in log
+        assert log.count("uploaded") == 1                                          # rank 0 alone uploads
+        solo = load_file(one.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        ranks = load_file(two.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        assert_same_training(ranks, solo, lr=two_ranks["learning_rate"])
+        (solo_round,), (ranks_round,) = one.metrics(), two.metrics()
+        # The whole partition counts, once; steps are global batches; the loss is the global batches'.
+        assert ranks_round["num_examples"] == solo_round["num_examples"] == [240]
+        assert ranks_round["local_steps"] == solo_round["local_steps"] == {"client-0": 3}
+        assert ranks_round["train_loss"] == pytest.approx(solo_round["train_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def _rank_pids(agent_pid: int) -> dict[int, int]:
+    """RANK -> pid of the ranks under a torchrun agent (from their environment, /proc)."""
+    ranks = {}
+    for pid in descendants(agent_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"                    # a zombie has exited: only its parent has not read its status yet
+
+
+@pytest.mark.parametrize("killed_rank", [1, 0])
+def test_a_rank_killed_mid_round_takes_the_client_down_and_the_same_command_rejoins(tmp_path, tiny_model_dir,
+                                                                                    killed_rank):
+    # client-0 is a 2-rank torchrun job, client-1 a plain process that keeps the run going meanwhile.
+    # Rounds of 40 local steps last a few seconds here, long enough to be killed in.
+    config = tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=40,
+                             per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
+                             save_client_updates=False, heartbeat_timeout_s=5, round_timeout_s=120)
+    with Federation(tmp_path, config) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        agent = federation.start_torchrun_client(0, nproc=2)
+        federation.start_client(1)
+        federation.wait_for(lambda: re.search(r"as partition \d+", federation.log("client-0.log")), 240,
+                            "the torchrun client to join", watch=federation.coordinator)
+        partition = re.search(r"as partition (\d+)", federation.log("client-0.log")).group(1)
+        training = re.compile(r"round (\d+): received .* training")
+        federation.wait_for(lambda: training.search(federation.log("client-0.log")), 240,
+                            "client-0 to train a round", watch=federation.coordinator)
+        ranks = _rank_pids(agent.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        killed_in = int(training.findall(federation.log("client-0.log"))[-1])
+        os.kill(ranks[killed_rank], signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        # The whole job goes down: torchrun's agent stops the other rank and exits, within a bounded time.
+        federation.wait_for(lambda: agent.poll() is not None and not any(map(_alive, ranks.values())), 60,
+                            "every process of the torchrun client to exit", watch=federation.coordinator)
+        assert agent.returncode != 0
+        assert time.monotonic() - killed_at < 60
+        # The coordinator drops it, as any dead client: its connection closed (or, at worst, its heartbeats).
+        federation.wait_for(lambda: "dropped client-0" in federation.log("coordinator.log"), 60,
+                            "the coordinator to drop client-0", watch=federation.coordinator)
+
+        # The same command: the same name, the same partition, and it trains again.
+        before = federation.log("client-0.log")
+        federation.start_torchrun_client(0, nproc=2)
+        rejoined = lambda: federation.log("client-0.log")[len(before):]      # noqa: E731
+        federation.wait_for(lambda: f"as partition {partition} " in rejoined(), 240,
+                            "the restarted client to rejoin", watch=federation.coordinator)
+        federation.wait_for(lambda: any(m["round"] > killed_in and "client-0" in m["participants"]
+                                        for m in federation.metrics()), 240,
+                            "the restarted client to take part in a round", watch=federation.coordinator)
+        federation.coordinator.send_signal(signal.SIGTERM)
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        dropped = [d for m in federation.metrics() for d in m["dropped"] if d["client"] == "client-0"]
+        assert dropped, [m["dropped"] for m in federation.metrics()]
+        assert federation.clients[0].returncode == 0, rejoined()[-3000:]
