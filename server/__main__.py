@@ -45,9 +45,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     parser.add_argument("--tls-key", help="server private key (PEM)")
     parser.add_argument("--tls-ca", help="CA (PEM) that signs client certificates; enables mutual TLS")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N: where the coordinator evaluates the global adapter (default: "
+                             "cuda:0 when this host has a GPU, else cpu); keep it off the GPUs your clients train on")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_rounds=5")
     return parser.parse_args(argv)
+
+
+def check_device(device: str | None) -> str | None:
+    """What is wrong with ``--device`` on this host, or None."""
+    if device is None or device == "cpu":
+        return None
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        return f"--device {device}: use cpu, cuda or cuda:N"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"--device {device} but CUDA is not available here; use --device cpu"
+    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device} but this host has {torch.cuda.device_count()} GPU(s): cuda:0..cuda:" \
+               f"{torch.cuda.device_count() - 1}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig.load(args.config, parse_overrides(args.overrides))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    device_problem = check_device(args.device)
+    if device_problem:
+        print(f"error: {device_problem}", file=sys.stderr)
         return 2
     if args.resume and not args.run_dir:
         print("error: --resume needs --run-dir (the run to continue)", file=sys.stderr)
@@ -73,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = serve(config, run_dir, args.address, args.address_file, args.wait_for_clients,
-                        resume=args.resume, security=security)
+                        resume=args.resume, security=security, device=args.device)
     except ConfigError as error:   # refused run directory or resume
         print(f"error: {error}", file=sys.stderr)
         return 2

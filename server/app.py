@@ -63,7 +63,8 @@ def _check_run_dir(config: RunConfig, directory: RunDirectory, resume: bool) -> 
 
 def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[::]:50051",
                       poll_timeout_s: float = 10.0, resume: bool = False,
-                      security: SecurityConfig | None = None) -> CoordinatorApp:
+                      security: SecurityConfig | None = None, device: str | None = None) -> CoordinatorApp:
+    """``device``: where the evaluation model lives (None: common.modeling.default_device())."""
     directory = RunDirectory(run_dir)
     _check_run_dir(config, directory, resume)
     directory.write_config(config.to_flat())
@@ -74,7 +75,7 @@ def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[:
     log.info("data: %d train / %d eval rows, %d classes, %d clients (%s)", len(data.train), len(data.eval),
              len(data.label_names), len(partition.indices), partition.scheme)
 
-    model = ServerModel(config, data.eval, num_labels=len(data.label_names))
+    model = ServerModel(config, data.eval, num_labels=len(data.label_names), device=device)
     coordinator = Coordinator(config, directory, model, model.initial_state(),
                               partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s,
                               run_id=directory.run_id(resume))
@@ -109,8 +110,9 @@ def start_grpc_server(coordinator: Coordinator, fingerprints: list[str], address
 
 
 def serve(config: RunConfig, run_dir: str | Path, address: str, address_file: str | None,
-          wait_for_clients_s: float, resume: bool = False, security: SecurityConfig | None = None) -> dict:
-    app = build_coordinator(config, run_dir, address, resume=resume, security=security)
+          wait_for_clients_s: float, resume: bool = False, security: SecurityConfig | None = None,
+          device: str | None = None) -> dict:
+    app = build_coordinator(config, run_dir, address, resume=resume, security=security, device=device)
     host = address.rsplit(":", 1)[0]
     bound = f"{host}:{app.port}"
     log.info("coordinator listening on %s%s (run directory %s)", bound,
