@@ -135,3 +135,43 @@ def test_a_rank_killed_mid_round_takes_the_client_down_and_the_same_command_rejo
         dropped = [d for m in federation.metrics() for d in m["dropped"] if d["client"] == "client-0"]
         assert dropped, [m["dropped"] for m in federation.metrics()]
         assert federation.clients[0].returncode == 0, rejoined()[-3000:]
+
+
+def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
+    # The agent stops its ranks when one fails, but killed outright it cannot: each rank asked Linux to stop
+    # it with its parent. Here rank 0 is still retrying its join (nothing listens on the port).
+    import subprocess
+    import sys
+
+    from scripts.local_federation import torchrun_command
+    from tests.integration.harness import ROOT, free_port
+
+    log = open(tmp_path / "client.log", "w")
+    agent = subprocess.Popen([*torchrun_command(2, "orphans"), "-m", "client", "--coordinator",
+                              f"127.0.0.1:{free_port()}", "--name", "orphan", "--patience", "120"],
+                             cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "GLOO_SOCKET_IFNAME": "lo"},
+                             stdout=log, stderr=subprocess.STDOUT)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while "not reachable" not in (tmp_path / "client.log").read_text():
+            assert time.monotonic() < deadline and agent.poll() is None, (tmp_path / "client.log").read_text()
+            time.sleep(0.2)
+        ranks = _rank_pids(agent.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, ranks.values())):
+            assert time.monotonic() < deadline, f"ranks {ranks} outlived their agent"
+            time.sleep(0.2)
+    finally:
+        for pid in {*descendants(agent.pid), *ranks.values()}:       # orphans are no longer the agent's
+            try:
+                if b"orphan" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still ours, not a reused pid
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
