@@ -5,7 +5,9 @@
 #                                 run configuration $CONFIG (default configs/minilm_bbc.yaml); outputs go to
 #                                 $RUN_DIR, or to /app/runs/<time>-<method>/ when RUN_DIR is empty
 #   client [option ...]           python -m client, dialling $COORDINATOR (default coordinator:50051)
-#                                 as $CLIENT_NAME (default: the hostname) on $DEVICE (default cpu)
+#                                 as $CLIENT_NAME (default: the hostname) on $DEVICE (default cpu);
+#                                 with NPROC_PER_CLIENT=N > 1 one client as a torchrun job of N ranks
+#                                 (DEVICE=cuda: rank r on cuda:r; rank 0 alone talks to the coordinator)
 #   anything else                 run as given: python -m server --help, python -c ..., bash
 #
 # exec hands PID 1 to Python, so `docker stop` (SIGTERM) reaches the coordinator's shutdown handler.
@@ -21,8 +23,13 @@ case "${1:-}" in
         ;;
     client)
         shift
-        exec python -m client --coordinator "${COORDINATOR:-coordinator:50051}" \
-            --name "${CLIENT_NAME:-$(hostname)}" --device "${DEVICE:-cpu}" "$@"
+        set -- --coordinator "${COORDINATOR:-coordinator:50051}" --name "${CLIENT_NAME:-$(hostname)}" \
+            --device "${DEVICE:-cpu}" "$@"
+        if [ "${NPROC_PER_CLIENT:-1}" -gt 1 ]; then
+            # torchrun's agent is PID 1: docker stop reaches it, and it stops the ranks.
+            exec python -m torch.distributed.run --standalone --nproc-per-node "$NPROC_PER_CLIENT" -m client "$@"
+        fi
+        exec python -m client "$@"
         ;;
     *)
         exec "$@"

@@ -7,8 +7,9 @@ per-host files docker/compose.coordinator.yml and docker/compose.client-gpu.yml,
 docker/Dockerfile and .dockerignore, and checks the structure the README promises:
 one image for every role, a coordinator with a health check and the run outputs on
 a volume, clients that start once the coordinator is healthy and restart on failure,
-num_clients matching the client services, the model cache on a volume, one GPU per
-client by device id in the GPU variant. Needs only Python and PyYAML; exits 1 and
+num_clients matching the client services, the model cache on a volume, in the GPU
+variant each client's GPUs by device id: one, or NPROC_PER_CLIENT for a client that runs
+as a torchrun job (DEVICE=cuda, started so by docker/entrypoint.sh). Needs only Python and PyYAML; exits 1 and
 lists every problem found.
 """
 
@@ -215,8 +216,15 @@ def check_local_federation(doc: dict[str, Any], dockerfile_health: bool = True,
     return problems
 
 
+def ranks_per_client(service: dict[str, Any]) -> int | None:
+    """NPROC_PER_CLIENT (docker/entrypoint.sh: the client as a torchrun job of that many ranks); None if invalid."""
+    text = environment(service).get("NPROC_PER_CLIENT", "") or "1"
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
 def check_gpu_clients(doc: dict[str, Any], client_names: list[str]) -> list[str]:
-    """One GPU per client, reserved by device id, distinct ids, and the client's device set to it."""
+    """Each client's GPUs reserved by device id (one, or one per torchrun rank), distinct ids across clients,
+    and the client's device set to them."""
     problems, seen = [], {}
     services = doc.get("services") or {}
     for name in client_names:
@@ -225,9 +233,15 @@ def check_gpu_clients(doc: dict[str, Any], client_names: list[str]) -> list[str]
         if not devices:
             problems.append(f"service {name}: no deploy.resources.reservations.devices entry with capabilities [gpu]")
             continue
+        ranks = ranks_per_client(service)
+        if ranks is None:
+            problems.append(f"service {name}: NPROC_PER_CLIENT={environment(service)['NPROC_PER_CLIENT']!r}; "
+                            f"give the number of torchrun ranks (GPUs) of this client, e.g. 2")
+            continue
         ids = [str(i) for device in devices for i in device.get("device_ids") or []]
-        if len(ids) != 1:
-            problems.append(f"service {name}: reserve exactly one GPU by device_ids, got {ids}")
+        if len(ids) != ranks:
+            problems.append(f"service {name}: reserve exactly {ranks} GPU(s) by device_ids, one per rank "
+                            f"(NPROC_PER_CLIENT={ranks}), got {ids}")
         if any(device.get("count") is not None for device in devices):
             problems.append(f"service {name}: use device_ids, not count (count and device_ids exclude each other)")
         for gpu in ids:
@@ -235,9 +249,20 @@ def check_gpu_clients(doc: dict[str, Any], client_names: list[str]) -> list[str]
                 problems.append(f"services {seen[gpu]} and {name} reserve the same GPU {gpu}")
             seen[gpu] = name
         device = environment(service).get("DEVICE", "")
-        if not device.startswith("cuda"):
+        if ranks == 1 and not device.startswith("cuda"):
             problems.append(f"service {name}: DEVICE={device!r}; a GPU client trains on cuda:N")
+        if ranks > 1 and device != "cuda":
+            problems.append(f"service {name}: DEVICE={device!r} with NPROC_PER_CLIENT={ranks}; use DEVICE=cuda "
+                            f"(under torchrun rank r trains on cuda:r)")
     return problems
+
+
+def check_entrypoint(text: str) -> list[str]:
+    """docker/entrypoint.sh starts a client with NPROC_PER_CLIENT > 1 as a torchrun job."""
+    if "NPROC_PER_CLIENT" in text and "torch.distributed.run" in text:
+        return []
+    return ["docker/entrypoint.sh: the client role must start NPROC_PER_CLIENT > 1 with python -m "
+            "torch.distributed.run (torchrun)"]
 
 
 def check_host_files(coordinator_doc: dict[str, Any], client_doc: dict[str, Any],
@@ -303,6 +328,7 @@ def check_repository(root: Path = ROOT) -> list[str]:
     problems = check_dockerfile(dockerfile.read_text())
     has_health = "HEALTHCHECK" in dockerfile.read_text()
     problems += check_dockerignore((root / ".dockerignore").read_text())
+    problems += check_entrypoint((root / "docker" / "entrypoint.sh").read_text())
     base = load_compose(root / "docker-compose.yml")
     problems += [f"docker-compose.yml: {p}" for p in check_local_federation(base, has_health)]
     gpu = merge(base, load_compose(root / "docker-compose.gpu.yml"))

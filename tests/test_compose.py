@@ -53,15 +53,34 @@ def test_environment_overrides_reach_the_coordinator() -> None:
     assert (words["method"], words["num_rounds"], words["model_name"]) == ("fedavg", "2", "/cache/tiny")
 
 
-def test_gpu_variant_reserves_one_distinct_gpu_per_client(gpu: dict) -> None:
+def test_gpu_variant_reserves_distinct_gpus_one_per_rank(gpu: dict) -> None:
     ids = []
-    for name in ("client-1", "client-2", "client-3"):
+    for name, ranks in (("client-1", 1), ("client-2", 1), ("client-3", 2)):
         service = gpu["services"][name]
         (device,) = cc.gpu_devices(service)
+        assert len(device["device_ids"]) == ranks == cc.ranks_per_client(service)
         ids += device["device_ids"]
-        assert cc.environment(service)["DEVICE"] == "cuda:0"
+        # One process on its one GPU; a torchrun client's rank r on cuda:r.
+        assert cc.environment(service)["DEVICE"] == ("cuda:0" if ranks == 1 else "cuda")
         assert cc.environment(service)["CLIENT_NAME"] == name   # the base file's environment survives the merge
-    assert len(set(ids)) == 3
+    assert len(set(ids)) == 4
+
+
+def test_the_entrypoint_starts_a_multi_gpu_client_with_torchrun(tmp_path) -> None:
+    # docker/entrypoint.sh with a stand-in python that prints what it is asked to run.
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "COORDINATOR": "coordinator:50051", "CLIENT_NAME": "client-3",
+           "DEVICE": "cuda"}
+
+    def run(extra: dict[str, str]) -> list[str]:
+        return subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), "client", "--patience", "9"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=30).stdout.split()
+
+    assert run({"NPROC_PER_CLIENT": "2"}) == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "client", "--coordinator",
+        "coordinator:50051", "--name", "client-3", "--device", "cuda", "--patience", "9"]
+    assert run({})[:2] == ["-m", "client"]
 
 
 @pytest.mark.parametrize("var, value, expected", [
@@ -126,6 +145,13 @@ GPU_MISTAKES = [
           [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]), "same GPU"),
     ("no reservation", _drop(["services", "client-3", "deploy"]), "reservations"),
     ("device left on cpu", _set(["services", "client-1", "environment", "DEVICE"], "cpu"), "cuda"),
+    ("two ranks on one GPU",
+     _set(["services", "client-3", "deploy", "resources", "reservations", "devices"],
+          [{"driver": "nvidia", "device_ids": ["2"], "capabilities": ["gpu"]}]), "exactly 2 GPU(s)"),
+    ("torchrun ranks on one numbered GPU", _set(["services", "client-3", "environment", "DEVICE"], "cuda:0"),
+     "use DEVICE=cuda"),
+    ("ranks not a number", _set(["services", "client-3", "environment", "NPROC_PER_CLIENT"], "two"),
+     "NPROC_PER_CLIENT='two'"),
 ]
 
 
