@@ -32,7 +32,8 @@ help:
 	@echo "              swap them (RUNS=archive ARCHIVE=runs/cpu_grid) to continue a grid from an archive"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
-	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, then a 300-round soak (bench.soak)"
+	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, a 300-round soak (bench.soak), then"
+	@echo "              a 2-rank client's training throughput against one process (bench.distributed)"
 	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
@@ -72,6 +73,7 @@ test: proto
 bench: proto
 	$(PYTHON) -m bench.math
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak --rounds 300 --clients 4
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.distributed
 
 certs:
 	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)
