@@ -137,6 +137,36 @@ def test_a_rank_killed_mid_round_takes_the_client_down_and_the_same_command_rejo
         assert federation.clients[0].returncode == 0, rejoined()[-3000:]
 
 
+def test_rank_zero_keeps_beating_while_it_waits_in_a_collective(tmp_path, tiny_model_dir):
+    # Rank 1 stopped (SIGSTOP) for 3 heartbeat timeouts mid-round: rank 0 sits in DDP's all-reduce, waiting
+    # for it, and its keep-alive thread must go on beating, or the coordinator would drop the client.
+    config = tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=100,
+                             per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
+                             save_client_updates=False, heartbeat_timeout_s=4, round_timeout_s=120)
+    with Federation(tmp_path, config) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        agent = federation.start_torchrun_client(0, nproc=2)
+        federation.start_client(1)
+        training = re.compile(r"round (\d+): received .* training")
+        federation.wait_for(lambda: training.search(federation.log("client-0.log")), 240,
+                            "client-0 to train a round", watch=federation.coordinator)
+        stalled_in = int(training.findall(federation.log("client-0.log"))[-1])
+        rank1 = _rank_pids(agent.pid)[1]
+        os.kill(rank1, signal.SIGSTOP)
+        try:
+            time.sleep(12)
+        finally:
+            os.kill(rank1, signal.SIGCONT)
+        federation.wait_for(lambda: any(m["round"] >= stalled_in and "client-0" in m["participants"]
+                                        for m in federation.metrics()), 240,
+                            "client-0 to finish the stalled round", watch=federation.coordinator)
+        federation.coordinator.send_signal(signal.SIGTERM)
+        assert federation.finish() == 0, federation.log("coordinator.log")[-3000:]
+        assert "dropped client-0" not in federation.log("coordinator.log"), federation.log("coordinator.log")[-3000:]
+        assert agent.returncode == 0, federation.log("client-0.log")[-3000:]
+
+
 def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
     # The agent stops its ranks when one fails, but killed outright it cannot: each rank asked Linux to stop
     # it with its parent. Here rank 0 is still retrying its join (nothing listens on the port).
