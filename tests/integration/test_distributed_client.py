@@ -167,6 +167,32 @@ def test_rank_zero_keeps_beating_while_it_waits_in_a_collective(tmp_path, tiny_m
         assert agent.returncode == 0, federation.log("client-0.log")[-3000:]
 
 
+def test_a_hung_rank_ends_the_client_after_the_collective_timeout(tmp_path, tiny_model_dir):
+    # Rank 1 stopped for good mid-round: rank 0's all-reduce gives up after --dist-timeout (8 s here), rank 0
+    # exits, and torchrun's agent takes the job down (SIGTERM, then SIGKILL for the stopped rank after its
+    # 30 s grace), instead of rank 0 waiting forever while its heartbeats keep the client alive.
+    config = tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=100,
+                             per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
+                             save_client_updates=False, heartbeat_timeout_s=5, round_timeout_s=300)
+    with Federation(tmp_path, config) as federation:
+        federation.start_coordinator()
+        federation.wait_address()
+        agent = federation.start_torchrun_client(0, 2, "--dist-timeout", "8")
+        federation.start_client(1)
+        federation.wait_for(lambda: re.search(r"round \d+: received .* training", federation.log("client-0.log")),
+                            240, "client-0 to train a round", watch=federation.coordinator)
+        ranks = _rank_pids(agent.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        federation.wait_for(lambda: agent.poll() is not None and not any(map(_alive, ranks.values())), 120,
+                            "the torchrun client to end", watch=federation.coordinator)
+        assert time.monotonic() - stopped_at < 8 + 30 + 30
+        assert agent.returncode != 0
+        assert re.search(r"[Tt]imed? ?out", federation.log("client-0.log")), federation.log("client-0.log")[-3000:]
+        federation.wait_for(lambda: "dropped client-0" in federation.log("coordinator.log"), 60,
+                            "the coordinator to drop client-0", watch=federation.coordinator)
+
+
 def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
     # The agent stops its ranks when one fails, but killed outright it cannot: each rank asked Linux to stop
     # it with its parent. Here rank 0 is still retrying its join (nothing listens on the port).
