@@ -94,12 +94,14 @@ def test_a_single_process_is_untouched():
 
 ROWS = 48
 SCENARIOS = {
-    # name: (method, rows, max_local_steps, gradient_accumulation_steps, rounds)
-    "subspace_reg_penalty": ("subspace_reg", ROWS, 3, 1, 1),
-    "rolora_alternates_a_and_b": ("rolora", ROWS, 3, 1, 2),
-    "fedex_lora_residual": ("fedex_lora", ROWS, 3, 1, 2),
+    # name: (method, rows, max_local_steps, gradient_accumulation_steps, rounds, other config)
+    "subspace_reg_penalty": ("subspace_reg", ROWS, 3, 1, 1, {}),
+    "rolora_alternates_a_and_b": ("rolora", ROWS, 3, 1, 2, {}),
+    "fedex_lora_residual": ("fedex_lora", ROWS, 3, 1, 2, {}),
     # 17 rows in global batches of 8: 8, 8, then 1 (one rank has none), accumulated over 2 micro-batches.
-    "uneven_last_batch": ("fedavg", 17, None, 2, 1),
+    "uneven_last_batch": ("fedavg", 17, None, 2, 1, {}),
+    # The RoBERTa-large reference trains with activation checkpointing (recomputed in backward, under DDP).
+    "gradient_checkpointing": ("fedavg", ROWS, 3, 1, 1, {"gradient_checkpointing": True}),
 }
 PER_RANK_BATCH = 4
 LEARNING_RATE = 5e-3
@@ -118,13 +120,13 @@ def _no_dropout_model(target: Path) -> str:
     return str(target)
 
 
-def _config(model_dir: str, method: str, batch: int, steps: int | None, accumulation: int):
+def _config(model_dir: str, method: str, batch: int, steps: int | None, accumulation: int, other: dict):
     from common.config import RunConfig
     from tests.integration.conftest import tiny_run_config
 
     return RunConfig.from_flat(tiny_run_config(model_dir, method=method, per_device_train_batch_size=batch,
                                                max_local_steps=steps, gradient_accumulation_steps=accumulation,
-                                               learning_rate=LEARNING_RATE))
+                                               learning_rate=LEARNING_RATE, **other))
 
 
 def _rows(count: int) -> list[dict]:
@@ -141,8 +143,8 @@ def _solo_rounds(model_dir: str, scenario: str) -> list[dict]:
     from common.methods import get_method
     from common.methods.base import Recipient
 
-    method_name, rows, steps, accumulation, rounds = SCENARIOS[scenario]
-    config = _config(model_dir, method_name, 2 * PER_RANK_BATCH, steps, accumulation)
+    method_name, rows, steps, accumulation, rounds, other = SCENARIOS[scenario]
+    config = _config(model_dir, method_name, 2 * PER_RANK_BATCH, steps, accumulation, other)
     trainer = LocalTrainer(config, _rows(rows), 5, show_progress=False)
     method = get_method(method_name)
     adapter = {k: v.float() for k, v in trainer.built.get_adapter_state().items()}
@@ -202,8 +204,8 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, tasks_path: str
     recorded = torch.load(tasks_path)
     results = {}
     for scenario, rounds in recorded.items():
-        method_name, rows, steps, accumulation, _ = SCENARIOS[scenario]
-        config = _config(model_dir, method_name, PER_RANK_BATCH, steps, accumulation)
+        method_name, rows, steps, accumulation, _, other = SCENARIOS[scenario]
+        config = _config(model_dir, method_name, PER_RANK_BATCH, steps, accumulation, other)
         trainer = LocalTrainer(config, _rows(rows), 5, show_progress=False, group=group)
         results[scenario] = []
         for entry in rounds:
