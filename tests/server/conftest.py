@@ -65,8 +65,11 @@ class LiveCoordinator:
 
 def start_live_coordinator(run_dir: Path, state: dict[str, torch.Tensor], num_clients: int = 1,
                            security: SecurityConfig = SecurityConfig(), **overrides) -> LiveCoordinator:
+    ranks = [t.shape[0] for name, t in state.items() if name.endswith(".lora_A.weight")]
+    defaults = {"lora_rank": max(ranks)} if ranks else {}     # a real run's adapter has the config's rank
     config = RunConfig.from_flat({"num_clients": num_clients, "client_fraction": 1.0, "num_rounds": 1,
-                                  "method": "fedavg", "round_timeout_s": 60, "max_update_norm": 1e3, **overrides})
+                                  "method": "fedavg", "round_timeout_s": 60, "max_update_norm": 1e3,
+                                  **defaults, **overrides})
     model = StandInModel()
     coordinator = Coordinator(config, RunDirectory(run_dir), model, state, partition_sizes=[10] * num_clients,
                               poll_timeout_s=2.0, run_id="test-run")
