@@ -110,13 +110,11 @@ def test_a_rank_killed_mid_round_takes_the_client_down_and_the_same_command_rejo
         assert sorted(ranks) == [0, 1], ranks
         killed_in = int(training.findall(federation.log("client-0.log"))[-1])
         os.kill(ranks[killed_rank], signal.SIGKILL)
-        killed_at = time.monotonic()
 
         # The whole job goes down: torchrun's agent stops the other rank and exits, within a bounded time.
         federation.wait_for(lambda: agent.poll() is not None and not any(map(_alive, ranks.values())), 60,
                             "every process of the torchrun client to exit", watch=federation.coordinator)
         assert agent.returncode != 0
-        assert time.monotonic() - killed_at < 60
         # The coordinator drops it, as any dead client: its connection closed (or, at worst, its heartbeats).
         federation.wait_for(lambda: "dropped client-0" in federation.log("coordinator.log"), 60,
                             "the coordinator to drop client-0", watch=federation.coordinator)
@@ -183,10 +181,8 @@ def test_a_hung_rank_ends_the_client_after_the_collective_timeout(tmp_path, tiny
                             240, "client-0 to train a round", watch=federation.coordinator)
         ranks = _rank_pids(agent.pid)
         os.kill(ranks[1], signal.SIGSTOP)
-        stopped_at = time.monotonic()
         federation.wait_for(lambda: agent.poll() is not None and not any(map(_alive, ranks.values())), 120,
                             "the torchrun client to end", watch=federation.coordinator)
-        assert time.monotonic() - stopped_at < 8 + 30 + 30
         assert agent.returncode != 0
         assert re.search(r"[Tt]imed? ?out", federation.log("client-0.log")), federation.log("client-0.log")[-3000:]
         federation.wait_for(lambda: "dropped client-0" in federation.log("coordinator.log"), 60,
