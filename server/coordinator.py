@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
-from common.adapter import LORA_A_SUFFIX, AdapterState, ClientUpdate, pad_to_rank, round_to_wire, truncate_to_rank
+from common.adapter import AdapterState, ClientUpdate, pad_to_rank, round_to_wire, truncate_to_rank
 from common.aggregation import AggregationSettings
 from common.clipping import clip_update
 from common.codec import DTYPES, TensorSpec, encode_tensors
@@ -112,9 +112,6 @@ class Coordinator:
         # The global adapter as the clients hold it after the wire (rounded to wire_dtype; float32 in memory).
         self._global: dict[str, torch.Tensor] = round_to_wire(
             {k: v.detach().to(torch.float32).clone() for k, v in initial_state.items()}, self.wire_dtype)
-        self.global_rank = max((t.shape[0] for k, t in self._global.items() if k.endswith(LORA_A_SUFFIX)),
-                               default=config.model.lora_rank)
-        """The global adapter's rank (lora_rank): lower-rank uploads are zero-padded to it."""
         # No upload, whatever the method, round or client rank, may be larger than the global adapter in float32.
         self.max_payload_bytes = ExpectedTensors.like(self._global).max_bytes
         self._uploading: set[str] = set()  # names of clients with an upload stream in progress
@@ -262,21 +259,25 @@ class Coordinator:
         so a client cannot make the coordinator hold one payload per residual state it claims."""
         up_to_date = not self.method.base_residual_suffixes or recipient.base_residual_round == self._completed_rounds
         key = (recipient.rank, recipient.base_residual_round)
-        cached = current.payloads.get(key) if up_to_date else current.catch_up.get(client_id)
-        if cached is not None and (up_to_date or cached[0] == key):
-            return cached if up_to_date else cached[1]
-        tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
-                                   recipient.rank)
-        residual = self.method.base_residual_suffixes
-        wire = {name: t if residual and name.endswith(residual) else t.to(self.wire_dtype)
-                for name, t in tensors.items()}
-        specs, buffer = encode_tensors(wire)
-        payload = TaskPayload(specs, buffer, sum(spec.nbytes for spec in specs if residual and spec.name.endswith(residual)))
+        if up_to_date and key in current.payloads:
+            return current.payloads[key]
+        if not up_to_date and client_id in current.catch_up and current.catch_up[client_id][0] == key:
+            return current.catch_up[client_id][1]
+        payload = self._encode_task(recipient)
         if up_to_date:
             current.payloads[key] = payload
         else:
             current.catch_up[client_id] = (key, payload)
         return payload
+
+    def _encode_task(self, recipient: Recipient) -> TaskPayload:
+        tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
+                                   recipient.rank)
+        residual = self.method.base_residual_suffixes
+        is_residual = (lambda name: bool(residual) and name.endswith(residual))
+        specs, buffer = encode_tensors({name: t if is_residual(name) else t.to(self.wire_dtype)
+                                        for name, t in tensors.items()})
+        return TaskPayload(specs, buffer, sum(spec.nbytes for spec in specs if is_residual(spec.name)))
 
     def _expected_upload(self, record: ClientRecord, round_index: int) -> ExpectedTensors:
         """What this client's upload must hold: the method's say, at the client's rank."""
@@ -327,7 +328,7 @@ class Coordinator:
         # The factors the client held frozen (fedsvd's A, ...) come from the global adapter it received (at its
         # rank); a lower-rank client's factors are zero-padded to the global rank, which keeps B A unchanged.
         whole = pad_to_rank(self.method.complete_upload(truncate_to_rank(self._global, record.rank), clean),
-                            self.global_rank)
+                            self.settings.rank)   # lora_rank, the global adapter's
         update = ClientUpdate(client=record.name, num_examples=record.num_examples,
                               state=AdapterState.from_state_dict(whole))
         with self._changed:

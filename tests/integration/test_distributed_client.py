@@ -135,12 +135,18 @@ def test_a_rank_killed_mid_round_takes_the_client_down_and_the_same_command_rejo
         assert federation.clients[0].returncode == 0, rejoined()[-3000:]
 
 
+def _long_run(tiny_model_dir: str, **overrides) -> dict:
+    """A torchrun client and a plain one over many long rounds, any one of them enough for a round: a fault
+    can be injected mid-round and the run goes on (or is stopped by the test)."""
+    return tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=100,
+                           per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
+                           save_client_updates=False, **overrides)
+
+
 def test_rank_zero_keeps_beating_while_it_waits_in_a_collective(tmp_path, tiny_model_dir):
     # Rank 1 stopped (SIGSTOP) for 3 heartbeat timeouts mid-round: rank 0 sits in DDP's all-reduce, waiting
     # for it, and its keep-alive thread must go on beating, or the coordinator would drop the client.
-    config = tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=100,
-                             per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
-                             save_client_updates=False, heartbeat_timeout_s=4, round_timeout_s=120)
+    config = _long_run(tiny_model_dir, heartbeat_timeout_s=4, round_timeout_s=120)
     with Federation(tmp_path, config) as federation:
         federation.start_coordinator()
         federation.wait_address()
@@ -169,9 +175,7 @@ def test_a_hung_rank_ends_the_client_after_the_collective_timeout(tmp_path, tiny
     # Rank 1 stopped for good mid-round: rank 0's all-reduce gives up after --dist-timeout (8 s here), rank 0
     # exits, and torchrun's agent takes the job down (SIGTERM, then SIGKILL for the stopped rank after its
     # 30 s grace), instead of rank 0 waiting forever while its heartbeats keep the client alive.
-    config = tiny_run_config(tiny_model_dir, num_clients=2, num_rounds=300, max_local_steps=100,
-                             per_device_train_batch_size=PER_RANK_BATCH, min_clients_per_round=1,
-                             save_client_updates=False, heartbeat_timeout_s=5, round_timeout_s=300)
+    config = _long_run(tiny_model_dir, heartbeat_timeout_s=5, round_timeout_s=300)
     with Federation(tmp_path, config) as federation:
         federation.start_coordinator()
         federation.wait_address()
