@@ -62,6 +62,50 @@ def test_two_ranks_at_batch_b_upload_what_one_process_uploads_at_batch_2b(tmp_pa
         assert ranks_round["train_loss"] == pytest.approx(solo_round["train_loss"], rel=1e-5)
 
 
+def _start_two_node_client(federation: Federation, index: int) -> list:
+    """Client ``index`` as one torchrun job over two "machines": two torchrun agents (--nnodes 2, one rank
+    each) that meet through torchrun's own c10d rendezvous, as two hosts would; here both on 127.0.0.1,
+    node 0 hosting the rendezvous store. ``clients[index]`` is node 0's agent."""
+    from tests.integration.harness import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = []
+    for node in (0, 1):
+        agents.append(federation._start(f"client-{index}", [
+            "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"two-nodes-{index}",
+            "--rdzv-conf", f"is_host={int(node == 0)}", "--local-addr", "127.0.0.1",
+            "-m", "client", "--coordinator", federation.client_address(), "--name", f"client-{index}",
+            "--patience", "90"], f"client-{index}-node{node}.log", env={**federation.env, "GLOO_SOCKET_IFNAME": "lo"}))
+    federation.clients[index] = agents[0]
+    return agents
+
+
+def test_a_client_spanning_two_nodes_uploads_what_one_process_uploads(tmp_path, tiny_model_dir):
+    # torchrun --nnodes 2: one client whose ranks live under two agents (two machines in real use).
+    model = _no_dropout_copy(tiny_model_dir, tmp_path / "model")
+    settings = {"num_clients": 1, "num_rounds": 1, "max_local_steps": 3, "method": "subspace_reg"}
+    one_process = tiny_run_config(model, per_device_train_batch_size=2 * PER_RANK_BATCH, **settings)
+    two_nodes = tiny_run_config(model, per_device_train_batch_size=PER_RANK_BATCH, **settings)
+    with Federation(tmp_path / "one", one_process) as one, Federation(tmp_path / "two", two_nodes) as two:
+        one.start_coordinator()
+        two.start_coordinator()
+        one.wait_address()
+        two.wait_address()
+        one.start_client(0)
+        agents = _start_two_node_client(two, 0)
+        assert one.finish(300) == 0, one.log("coordinator.log")[-3000:]
+        assert two.finish(300) == 0, two.log("coordinator.log")[-3000:] + two.log("client-0-node1.log")[-3000:]
+        node0, node1 = two.log("client-0-node0.log"), two.log("client-0-node1.log")
+        for agent in agents:
+            assert agent.wait(timeout=60) == 0, node0[-3000:] + node1[-3000:]
+        assert "[client-0 rank 1/2]" in node1 and "uploaded" in node0 and "uploaded" not in node1
+        solo = load_file(one.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        spanning = load_file(two.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        assert_same_training(spanning, solo, lr=two_nodes["learning_rate"])
+        assert two.metrics()[0]["num_examples"] == one.metrics()[0]["num_examples"] == [240]
+
+
 # --------------------------------------------------------------------------- faults
 
 
