@@ -110,7 +110,7 @@ class LocalTrainer:
             B.requires_grad_(objective.train_b)
         params = [p for p in self.built.model.parameters() if p.requires_grad]
         train = self.config.train
-        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
         group = self.group
         torch.manual_seed(group.dropout_seed(seed))              # dropout: the round seed on rank 0

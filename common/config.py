@@ -12,12 +12,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from common.study_keys import ineffective_settings, translate
+
+log = logging.getLogger(__name__)
 
 TASK_CLASSIFICATION = "sequence_classification"
 TASK_MULTIPLE_CHOICE = "multiple_choice"
@@ -137,12 +142,16 @@ class TrainConfig:
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trainable parameters (LoRA factors and head)."""
     max_grad_norm: float | None = 1.0
     local_epochs: int = 1
     max_local_steps: int | None = 10
     """Cap on micro-batches per round (the reference study caps one epoch this way)."""
     torch_threads: int = 1
     """CPU threads per client process (several clients share the machine's cores)."""
+    per_device_eval_batch_size: int | None = None
+    """Rows per forward pass of the coordinator's evaluation; null: max(32, per_device_train_batch_size)."""
 
     def __post_init__(self) -> None:
         _require(self.per_device_train_batch_size >= 1,
@@ -150,6 +159,9 @@ class TrainConfig:
         _require(self.gradient_accumulation_steps >= 1,
                  f"gradient_accumulation_steps={self.gradient_accumulation_steps!r}: must be at least 1")
         _require(self.learning_rate > 0, f"learning_rate={self.learning_rate!r}: must be positive")
+        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay!r}: must be non-negative (0: none)")
+        _require(self.per_device_eval_batch_size is None or self.per_device_eval_batch_size >= 1,
+                 f"per_device_eval_batch_size={self.per_device_eval_batch_size!r}: must be at least 1 or null")
         _require(self.max_grad_norm is None or self.max_grad_norm > 0,
                  f"max_grad_norm={self.max_grad_norm!r}: must be positive or null (no clipping)")
         _require(self.local_epochs >= 1, f"local_epochs={self.local_epochs!r}: must be at least 1")
@@ -166,6 +178,7 @@ class FederationConfig:
     num_rounds: int = 20
     client_fraction: float = 0.3
     seed: int = 42
+    """Seeds partitioning, client sampling, the initial adapter and every round's local training."""
     mu: float = 0.05
     """Subspace-Reg: proximal weight on ||s B A - dW_g||^2."""
     alpha: float = 0.01
@@ -187,6 +200,9 @@ class FederationConfig:
     adapter (sum over layers of ||s B_i A_i - s B_g A_g||_F^2 plus the other trainable tensors, in factored
     form) is clipped to this norm before weighting, by moving its tensors toward the global ones. null: off.
     Clipped clients are listed as clipped_clients in metrics.jsonl."""
+    output_dir: str | None = None
+    """Where the coordinator writes the run when --run-dir is not given (the reference study's key);
+    null: runs/<time>-<method>."""
     save_client_updates: bool = False
     """Keep every accepted upload under updates/round_NNN/ in the run directory (audits, tests)."""
     min_clients_per_round: int | None = None
@@ -222,6 +238,8 @@ class FederationConfig:
         _require(isinstance(self.num_rounds, int) and self.num_rounds >= 1,
                  f"num_rounds={self.num_rounds!r}: must be a positive integer")
         _require(0.0 < self.client_fraction <= 1.0, f"client_fraction={self.client_fraction!r}: must be in (0, 1]")
+        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+                 f"seed={self.seed!r}: must be a whole number in [0, 2**63), e.g. 42")
         for name in ("mu", "alpha", "lambda_reg"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r}: must be non-negative")
         clip = self.max_effective_lora_update_norm
@@ -233,6 +251,8 @@ class FederationConfig:
         _require(self.client_update_clip_norm is None or self.client_update_clip_norm > 0,
                  f"client_update_clip_norm={self.client_update_clip_norm!r}: must be positive or null (off)")
         _require(self.round_timeout_s > 0, f"round_timeout_s={self.round_timeout_s!r}: must be positive")
+        _require(self.max_update_norm is None or self.max_update_norm > 0,
+                 f"max_update_norm={self.max_update_norm!r}: must be positive or null (no bound on uploads)")
         _require(self.min_clients_per_round is None or self.min_clients_per_round >= 1,
                  f"min_clients_per_round={self.min_clients_per_round!r}: must be at least 1 or null")
         _require(0.0 < self.min_sampled_fraction <= 1.0,
@@ -299,11 +319,19 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
                 if lowered not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return lowered in ("true", "1", "yes")
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(value, bool) and not text.startswith("list"):
+            raise ConfigError(f"{key}={str(value).lower()}: expected {text}, not true/false")
         if hint is int or text.startswith("int"):
             return _whole_number(value)
         if hint is float or text.startswith("float"):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r}: must be a finite number"
+                                  + (" (or null to switch it off)" if "None" in text else ""))
+            return number
         if text.startswith("list"):
             if isinstance(value, str):
                 value = [part.strip() for part in value.split(",") if part.strip()]
@@ -312,6 +340,8 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
                 return [_whole_number(item) for item in items]
             return items
         return str(value) if hint is str or text.startswith("str") else value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r}: expected {text}") from None
 
@@ -375,7 +405,9 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "RunConfig":
-        """Read a flat YAML file (or defaults when path is None) and apply key=value overrides."""
+        """Read a flat YAML file (or defaults when path is None) and apply key=value overrides. The reference
+        study's own key names are read as ours (common/study_keys.py); every study key translated, and every
+        key this run does not read, is logged in one line."""
         values: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
@@ -386,7 +418,11 @@ class RunConfig:
                 raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
             values.update(loaded)
         values.update(overrides or {})
-        return cls.from_flat(values)
+        translation = translate(values)
+        config = cls.from_flat(translation.values)
+        for note in translation.notes + ineffective_settings(config, translation.values):
+            log.info("config: %s", note)
+        return config
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

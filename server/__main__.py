@@ -35,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="flat YAML run configuration (see configs/); defaults if omitted")
     parser.add_argument("--address", default="[::]:50051",
                         help="host:port to listen on; port 0 picks a free port (default: [::]:50051)")
-    parser.add_argument("--run-dir", help="where outputs go (default: runs/<time>-<method>)")
+    parser.add_argument("--run-dir", help="where outputs go (default: the config's output_dir, else "
+                                          "runs/<time>-<method>)")
     parser.add_argument("--address-file", help="write the bound host:port to this file once listening")
     parser.add_argument("--wait-for-clients", type=float, default=600.0, metavar="SECONDS",
                         help="give up if num_clients have not joined within this time (default: 600)")
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     if device_problem:
         print(f"error: {device_problem}", file=sys.stderr)
         return 2
-    if args.resume and not args.run_dir:
-        print("error: --resume needs --run-dir (the run to continue)", file=sys.stderr)
+    if args.resume and not (args.run_dir or config.federation.output_dir):
+        print("error: --resume needs --run-dir (the run to continue), or output_dir in the config", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
+    run_dir = args.run_dir or config.federation.output_dir or \
+        str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
     from server.app import serve   # heavy imports after argument checks, so --help stays fast
     from server.security import SecurityConfig
 

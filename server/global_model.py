@@ -28,8 +28,9 @@ class ServerModel:
 
     def evaluate(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
         self.built.set_adapter_state(tensors)
-        return self.built.evaluate(self.eval_rows, self.config.data,
-                                   batch_size=max(32, self.config.train.per_device_train_batch_size))
+        train = self.config.train
+        batch_size = train.per_device_eval_batch_size or max(32, train.per_device_train_batch_size)
+        return self.built.evaluate(self.eval_rows, self.config.data, batch_size=batch_size)
 
     def save(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
         self.built.save_adapter(tensors, directory)
