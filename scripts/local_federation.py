@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nproc-per-client", type=_positive_int, default=1, metavar="N",
                         help="start each client as a torchrun job of N processes (ranks) training with DDP; the "
                              "global batch is per_device_train_batch_size x N (default: 1, a plain process)")
+    parser.add_argument("--status-every", type=int, default=0, metavar="N",
+                        help="print the coordinator's status table (python -m server status) every N rounds "
+                             "(default: 0, only on SIGUSR1: kill -USR1 <launcher pid>)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. method=fedavg")
     return parser.parse_args(argv)
 
@@ -133,6 +136,19 @@ def format_round(line: dict) -> str:
             f"{line.get('round_seconds', 0.0):5.1f} s  clients {','.join(str(p) for p in line.get('partitions', []))}")
 
 
+def print_status(address: str) -> None:
+    """The coordinator's own view (its Status RPC), as ``python -m server status`` prints it."""
+    import grpc
+
+    from server.status import format_status
+    from server.status_cli import fetch_status, parse_args as status_args
+
+    try:
+        print(format_status(fetch_status(status_args(["--coordinator", address, "--timeout", "5"]))), flush=True)
+    except grpc.RpcError as error:
+        print(f"status: no answer from {address}: {error.code().name}", file=sys.stderr, flush=True)
+
+
 def _start(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(log_path, "w")
@@ -200,14 +216,23 @@ def main(argv: list[str] | None = None) -> int:
             command, client_env = client_launch(index, address, args.devices, args.nproc_per_client, env)
             processes.append(_start(command, run_dir / "logs" / f"client-{index}.log", client_env))
         printed = 0
+        wanted = []                                            # SIGUSR1: print the status table once
+        signal.signal(signal.SIGUSR1, lambda *_: wanted.append(True))
+        print(f"status: kill -USR1 {os.getpid()} (or python -m server status --coordinator {address})", flush=True)
         reported_exits: set[int] = set()
         metrics_path = run_dir / "metrics.jsonl"
         while True:
             if metrics_path.exists():
                 lines = [line for line in metrics_path.read_text().splitlines() if line.strip()]
                 for line in lines[printed:]:
-                    print(format_round(json.loads(line)), flush=True)
+                    record = json.loads(line)
+                    print(format_round(record), flush=True)
+                    if args.status_every > 0 and record["round"] % args.status_every == 0:
+                        wanted.append(True)
                 printed = len(lines)
+            if wanted:
+                wanted.clear()
+                print_status(address)
             if coordinator.poll() is not None:
                 break
             if time.monotonic() > deadline:

@@ -1,4 +1,5 @@
-"""Command line of the coordinator: ``python -m server --config FILE [key=value ...]``."""
+"""Command line of the coordinator: ``python -m server --config FILE [key=value ...]``, and
+``python -m server status --coordinator HOST:PORT`` to ask a running one how its run is going."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "round, aggregates their LoRA factors and evaluates the global adapter.",
         epilog="Methods (method=NAME, common/methods/): " + ", ".join(_method_names()) + ". "
                "Example: python -m server --config configs/minilm_bbc.yaml --address 0.0.0.0:50051 "
-               "method=fedavg num_rounds=5",
+               "method=fedavg num_rounds=5. A running coordinator's view of its clients: "
+               "python -m server status --coordinator HOST:PORT [--json] (see python -m server status --help).",
     )
     parser.add_argument("--config", help="flat YAML run configuration (see configs/); defaults if omitted")
     parser.add_argument("--address", default="[::]:50051",
@@ -71,7 +73,12 @@ def check_device(device: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:                 # python -m server status --coordinator HOST:PORT
+        from server.status_cli import main as status_main
+
+        return status_main(argv[1:])
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = RunConfig.load(args.config, parse_overrides(args.overrides))

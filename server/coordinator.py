@@ -21,6 +21,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooL
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
 from server.rounds import DEADLINE_REASON, ClosedRound, RoundState, TaskPayload, UploadStats, metrics_record
+from server.status import ClientStatus, RunStatus, client_state, eta_seconds
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,12 @@ class Coordinator:
         self._stop_requested = False
         self._informed: set[str] = set()   # client ids told that the run is over
         self.run_id = run_id
+        # The operator's view (server/status.py): what the run is doing, and how long rounds take here.
+        self._phase = "waiting_for_clients"
+        self._started = time.monotonic()
+        self._round_started = time.monotonic()
+        self._round_durations: list[float] = []        # committed rounds of this process, seconds each
+        self._participation: Counter[str] = Counter()  # client name -> committed rounds it took part in
 
     def restore(self) -> int:
         """Continue from the run directory's last committed round; returns that round (0: nothing committed)."""
@@ -148,6 +156,7 @@ class Coordinator:
         self._best_accuracy = float(state.get("best_accuracy", -math.inf))
         self.registry.restore(state.get("registry", []))
         self.run_dir.truncate_metrics(after_round=self._completed_rounds)
+        self._participation.update(name for line in self.run_dir.read_metrics() for name in line["participants"])
         log.info("resuming after committed round %d (clients rejoin by name)%s", self._completed_rounds,
                  f"; {len(increments)} base-weight increments re-applied" if increments else "")
         return self._completed_rounds
@@ -358,6 +367,31 @@ class Coordinator:
 
     # ------------------------------------------------------------------ driver
 
+    def status(self) -> RunStatus:
+        """The run's round and phase and every client's state, for the Status RPC."""
+        with self._changed:
+            current = self._round if self._finished is None else None
+            open_round = current.index if current is not None and current.open else None
+            clients = []
+            for record in sorted(self.registry.records(), key=lambda r: r.partition):
+                state, reason = client_state(record, current)
+                clients.append(ClientStatus(
+                    name=record.name, state=state, reason=reason,
+                    seconds_since_keepalive=time.monotonic() - record.last_seen if record.client_id else -1.0,
+                    rounds_participated=self._participation[record.name], partition=record.partition,
+                    num_examples=record.num_examples or self.partition_sizes[record.partition],
+                    lora_rank=record.rank or self.config.model.lora_rank))
+            num_rounds = self.config.federation.num_rounds
+            in_round = time.monotonic() - self._round_started if self._phase != "waiting_for_clients" else 0.0
+            return RunStatus(
+                run_id=self.run_id, method=self.config.federation.method,
+                round=open_round or self._completed_rounds, num_rounds=num_rounds,
+                rounds_completed=self._completed_rounds, phase=self._phase,
+                elapsed_seconds=time.monotonic() - self._started,
+                eta_seconds=0.0 if self._finished else eta_seconds(
+                    self._round_durations, num_rounds - self._completed_rounds, in_round),
+                clients=clients, finished_reason=self._finished.reason if self._finished else "")
+
     def request_stop(self) -> None:
         with self._changed:
             self._stop_requested = True
@@ -389,6 +423,7 @@ class Coordinator:
 
     def _finish(self, reason: str) -> None:
         with self._changed:
+            self._phase = "finished"
             self._finished = RunFinished(rounds_completed=self._completed_rounds, reason=reason)
             self._changed.notify_all()
 
@@ -414,6 +449,7 @@ class Coordinator:
     def _run_round(self, round_index: int) -> None:
         """Open, collect, and close one round; below quorum, retry with a fresh sample or stop."""
         fed = self.config.federation
+        self._round_started = time.monotonic()
         for attempt in range(fed.max_round_retries + 1):
             self._open_round(round_index, attempt)
             current = self._wait_for_updates(round_index)
@@ -475,6 +511,7 @@ class Coordinator:
                 sampled[record.client_id] = partition
                 names[record.client_id] = record.name
             self._round = RoundState(index=round_index, sampled=sampled, names=names, attempt=attempt)
+            self._phase = "training"
             self._changed.notify_all()
         log.info("round %d/%d%s: sampled %s", round_index, fed.num_rounds,
                  f" (retry {attempt})" if attempt else "", sorted(names.values()))
@@ -500,6 +537,7 @@ class Coordinator:
                     break
                 self._changed.wait(min(remaining, 0.5))
             current.open = False
+            self._phase = "aggregating"
         for cid, reason in current.dropped.items():
             log.warning("round %d: dropped %s: %s", round_index, current.names[cid], reason)
         return current
@@ -577,6 +615,8 @@ class Coordinator:
             self._global = closed.new_global
             self._method_state = closed.method_state
             self._completed_rounds = round_index
+            self._participation.update(update.client for _, update, _ in self._round.reported())
+            self._round_durations.append(time.monotonic() - self._round_started)
 
 
 def _fmt(value: Any) -> str:

@@ -115,6 +115,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 self.coordinator.keepalive(client_id, is_open=False)
         return pb.KeepAliveReply(message="stream closed")
 
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        try:
+            _check_version(request.protocol_version)
+        except CoordinatorError as error:
+            _abort(context, error)
+        status = self.coordinator.status()
+        clients = [pb.ClientStatus(**vars(client)) for client in status.clients]
+        return pb.StatusReply(**{**vars(status), "clients": clients})
+
     @staticmethod
     def _read_header(messages: Iterator[pb.UpdateMessage]) -> pb.UpdateHeader:
         first = next(messages, None)

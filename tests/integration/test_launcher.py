@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,40 @@ def test_launcher_runs_a_federation_and_prints_rounds_summary_and_run_dir(tmp_pa
     assert summary["method"] == "svd" and summary["rounds_completed"] == 2
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log",
                                                                    "coordinator.log"]
+
+
+def test_launcher_prints_the_coordinators_status_on_sigusr1(tmp_path):
+    import signal
+    import threading
+    import time
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "scripts.local_federation", "--config", "configs/minilm_bbc.yaml", "--tiny-model",
+         "--run-dir", str(tmp_path / "run"), "--timeout", "400", "num_rounds=200", "num_clients=2",
+         "client_fraction=0.5", "max_train_samples=100", "max_eval_samples=20", "max_local_steps=2"],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(predicate, what: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert launcher.poll() is None and time.monotonic() < deadline, f"{what}:\n" + "".join(lines)[-3000:]
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: any(line.startswith("round ") for line in lines), "a first round")
+        launcher.send_signal(signal.SIGUSR1)
+        wait_for(lambda: any("phase" in line and "committed" in line for line in lines), "the status table")
+        wait_for(lambda: sum(line.startswith(("client-0 ", "client-1 ")) for line in lines) == 2, "its clients")
+    finally:
+        launcher.send_signal(signal.SIGINT)              # the launcher stops every process it started
+        launcher.wait(timeout=60)
+        reader.join(timeout=10)
+    text = "".join(lines)
+    assert re.search(r"^run \S+  method subspace_reg$", text, re.MULTILINE) and "keep-alive" in text, text[-3000:]
 
 
 def test_launcher_rejects_a_bad_override_before_starting_anything(tmp_path):
