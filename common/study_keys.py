@@ -82,7 +82,8 @@ READ_BY_SUBSPACE_REG = ("mu", "alpha", "lambda_reg")
 
 
 def ineffective_settings(config: "RunConfig", given: Iterable[str]) -> list[str]:
-    """One line for each key in ``given`` (the keys a file or override set) that this run does not read."""
+    """One line per reason, naming the keys in ``given`` (those a file or override set) that this run does
+    not read for that reason."""
     given = set(given)
     data, federation = config.data, config.federation
     unread: dict[str, str] = {}
@@ -96,7 +97,11 @@ def ineffective_settings(config: "RunConfig", given: Iterable[str]) -> list[str]
         unread["partition_field"] = "partitioning is iid"
     if federation.method != "subspace_reg":
         for key in READ_BY_SUBSPACE_REG:
-            unread[key] = f"only subspace_reg's regularizer reads it, and method is {federation.method}"
+            unread[key] = f"read only by subspace_reg's regularizer, and method is {federation.method}"
     if federation.min_clients_per_round is not None:
         unread["min_sampled_fraction"] = "min_clients_per_round is set and takes precedence"
-    return [f"{key}: no effect in this run ({why})" for key, why in unread.items() if key in given]
+    by_reason: dict[str, list[str]] = {}
+    for key, why in unread.items():
+        if key in given:
+            by_reason.setdefault(why, []).append(key)
+    return [f"{', '.join(keys)}: no effect in this run ({why})" for why, keys in by_reason.items()]

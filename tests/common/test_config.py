@@ -171,6 +171,13 @@ def test_keys_this_run_does_not_read_are_named_in_one_line_each(tmp_path, caplog
         RunConfig.load(path)
     lines = [record.getMessage() for record in caplog.records]
     assert any("text_column: no effect in this run (the embedded dataset bbc_news" in line for line in lines), lines
-    assert any("mu: no effect in this run (only subspace_reg's regularizer" in line for line in lines), lines
+    assert any("mu: no effect in this run (read only by subspace_reg's regularizer" in line for line in lines), lines
+    path.write_text("method: svd\nmu: 0.1\nalpha: 0.1\nlambda_reg: 0.0\n")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="common.config"):
+        RunConfig.load(path)
+    assert [record.getMessage() for record in caplog.records] == [
+        "config: mu, alpha, lambda_reg: no effect in this run (only subspace_reg's regularizer reads it, and "
+        "method is svd)"]
     assert any("dirichlet_alpha: no effect in this run (partitioning is iid)" in line for line in lines), lines
     assert not any(line.startswith("config: lora_rank") for line in lines)    # read: nothing to say
