@@ -177,7 +177,7 @@ def test_keys_this_run_does_not_read_are_named_in_one_line_each(tmp_path, caplog
     with caplog.at_level("INFO", logger="common.config"):
         RunConfig.load(path)
     assert [record.getMessage() for record in caplog.records] == [
-        "config: mu, alpha, lambda_reg: no effect in this run (only subspace_reg's regularizer reads it, and "
+        "config: mu, alpha, lambda_reg: no effect in this run (read only by subspace_reg's regularizer, and "
         "method is svd)"]
     assert any("dirichlet_alpha: no effect in this run (partitioning is iid)" in line for line in lines), lines
     assert not any(line.startswith("config: lora_rank") for line in lines)    # read: nothing to say
