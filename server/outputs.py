@@ -4,6 +4,7 @@
     config.yaml            resolved configuration
     partition_stats.json   sizes and label histograms of the client partitions
     metrics.jsonl          one JSON line per round
+    tensorboard/           the same scalars as TensorBoard events (tensorboard --logdir runs/)
     summary.json           best / final / last-5 accuracy, final loss and diagnostics
     adapters/round_NNN/    the global adapter after round NNN, in PEFT's format
     adapters/best/         the round with the best accuracy so far
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -27,6 +29,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from common.metrics import METRIC_NAMES
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -58,6 +62,9 @@ class RunDirectory:
         self.summary_path = self.path / "summary.json"
         self.adapters = self.path / "adapters"
         self.checkpoint = self.path / "checkpoint"
+        self.tensorboard = self.path / "tensorboard"
+        self._board: Any = None                    # server.tensorboard.MetricsBoard, made at the first line
+        self._committed_before_board: int | None = None
 
     def run_id(self, resume: bool) -> str:
         """The run's identity: made when the run directory starts a run, read back by every resume, so that
@@ -82,10 +89,26 @@ class RunDirectory:
             handle.write(json.dumps(_json_safe(line), sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        self._add_to_board(line)
+
+    def _add_to_board(self, line: dict[str, Any]) -> None:
+        """The same line's scalars as TensorBoard events (server/tensorboard.py); without the tensorboard
+        package, one warning and no events: the run itself does not depend on them."""
+        if self._board is None:
+            try:
+                from server.tensorboard import MetricsBoard
+
+                self._board = MetricsBoard(self.tensorboard, resume_after_round=self._committed_before_board)
+            except ImportError as error:
+                log.warning("no TensorBoard events for this run (%s); pip install tensorboard", error)
+                self._board = False
+        if self._board:
+            self._board.add(line)
 
     def truncate_metrics(self, after_round: int) -> None:
         """Drop lines of rounds after the committed one (written just before a crash)."""
         kept = [line for line in self.read_metrics() if line["round"] <= after_round]
+        self._committed_before_board = after_round           # and TensorBoard events after it are purged
         _atomic_write_text(self.metrics_path, "".join(json.dumps(line, sort_keys=True) + "\n" for line in kept))
 
     def append_event(self, event: dict[str, Any]) -> None:

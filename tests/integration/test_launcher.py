@@ -27,6 +27,15 @@ def test_launcher_runs_a_federation_and_prints_rounds_summary_and_run_dir(tmp_pa
     assert len(round_lines) == 2 and all("acc " in line and "overlap " in line and " MB" in line for line in round_lines)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "svd" and summary["rounds_completed"] == 2
+    # TensorBoard's reader finds each round's accuracy and bytes of metrics.jsonl in the run's event files.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("eval/accuracy", "accuracy"), ("bytes/bytes_up", "bytes_up"), ("eval/loss", "loss")):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (m["round"], pytest.approx(m[key], rel=1e-6)) for m in metrics]
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["client-0.log", "client-1.log", "client-2.log",
                                                                    "coordinator.log"]
 
