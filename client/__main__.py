@@ -9,6 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
+from common.devices import device_problem, log_level
+
 
 def _positive_rank(text: str) -> int:
     value = int(text)
@@ -54,7 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dist-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                         help="under torchrun (one client as several processes): how long a rank waits in a "
                              "collective for the others before the whole client stops (default: 300)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", type=log_level, default="INFO",
+                        help="debug, info, warning or error (default: info); debug also shows a failure's traceback")
     return parser.parse_args(argv)
 
 
@@ -81,14 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Under torchrun every rank logs, to the same console: say which one speaks.
     who = name if torchrun is None else f"{name} rank {torchrun.rank}/{torchrun.world_size}"
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format=f"%(asctime)s %(levelname)s [{who}] %(name)s: %(message)s")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            print(f"error: --device {args.device} but CUDA is not available here; use --device cpu", file=sys.stderr)
-            return 2
+    problem = device_problem(args.device)      # before joining: a bad device must not hold a partition
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from client.connection import ClientSecurity
     from client.distributed import DEFAULT_TIMEOUT_S
     from client.exit_codes import exit_code
@@ -111,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         code = exit_code(error)
-        if code == 1:                     # unexpected: the traceback says where
+        if code == 1 and args.log_level <= logging.DEBUG:      # unexpected: the traceback says where
             raise
+        if code == 1:
+            logger.error("%s: %s (run with --log-level debug for the traceback)", type(error).__name__, error)
+            return code
         logger.error("%s", error)         # CoordinatorGone, NotAuthenticated, RunChanged, JoinRefused, bad tasks
         return code
 

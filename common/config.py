@@ -61,11 +61,15 @@ class ModelConfig:
     dtype: str = "float32"
     """float32, float16 or bfloat16: the dtype the base model is loaded in."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for more time (the RoBERTa-large reference)."""
     load_in_4bit: bool = False
     """4-bit NF4 with double quantization (needs bitsandbytes and CUDA)."""
     lora_rank: int = 8
+    """r: the rank of every LoRA adapter (the global adapter's rank; clients may train at less, client_ranks)."""
     lora_alpha: float = 16.0
+    """LoRA's alpha; the effective update is s B A with s = lora_alpha / lora_rank."""
     lora_dropout: float = 0.0
+    """Dropout on the adapters' input during local training (0.05 in the reference study)."""
     target_modules: list[str] = field(default_factory=lambda: [AUTO_TARGET_MODULES])
     """Module name suffixes that get LoRA adapters, or ``auto``: chosen from the model's
     config.model_type (common.modeling.TARGET_MODULES_BY_FAMILY): bert / roberta:
@@ -106,19 +110,27 @@ class DataConfig:
     """bbc_news (embedded), a hub id (``hellaswag`` = ``Rowan/hellaswag``), or a local csv / json /
     jsonl / parquet file or directory (train.* plus an optional validation.* or test.*)."""
     text_column: str = "text"
+    """The text column of a local or hub classification dataset."""
     label_column: str = "label"
+    """The label column (class names or integers)."""
     partition_field: str = "label"
     """Column whose values define the Dirichlet buckets (HellaSwag: activity_label)."""
     partitioning: str = "dirichlet"
     """dirichlet or iid."""
     num_clients: int = 10
+    """Number of data partitions, and so of clients the coordinator waits for."""
     dirichlet_alpha: float = 0.3
+    """Concentration of the Dirichlet split over partition_field values: lower is more non-IID."""
     min_client_size: int = 8
+    """Smallest partition the Dirichlet split may produce; below it, a seeded round-robin split."""
     max_train_samples: int | None = None
+    """Cap on training rows before partitioning (null: all)."""
     max_eval_samples: int | None = 400
+    """Cap on the coordinator's held-out evaluation rows (null: all)."""
     eval_fraction: float = 0.2
     """Share of the data held out for server-side evaluation when the data has no eval split."""
     max_length: int = 64
+    """Tokens per example (truncation and padding)."""
 
     def __post_init__(self) -> None:
         _require(self.task in TASK_NAMES,
@@ -140,12 +152,17 @@ class TrainConfig:
     """Local training on a client."""
 
     per_device_train_batch_size: int = 16
+    """Rows per micro-batch on each device (a torchrun client's global batch is this x its ranks)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
     learning_rate: float = 1e-3
+    """Local AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW's decoupled weight decay on the trainable parameters (LoRA factors and head)."""
     max_grad_norm: float | None = 1.0
+    """Clip of the local gradient norm before each step; null: no clip."""
     local_epochs: int = 1
+    """Passes over the client's partition per round (capped by max_local_steps)."""
     max_local_steps: int | None = 10
     """Cap on micro-batches per round (the reference study caps one epoch this way)."""
     torch_threads: int = 1
@@ -175,8 +192,11 @@ class FederationConfig:
     """The federated algorithm and the round schedule."""
 
     method: str = "subspace_reg"
+    """The federated method (common/methods/): fedavg, svd, fedsvd, subspace_reg, ffa_lora, rolora, fedex_lora."""
     num_rounds: int = 20
+    """Rounds to run."""
     client_fraction: float = 0.3
+    """Share of the clients sampled per round: ceil(num_clients x client_fraction), at least 1."""
     seed: int = 42
     """Seeds partitioning, client sampling, the initial adapter and every round's local training."""
     mu: float = 0.05
@@ -213,6 +233,7 @@ class FederationConfig:
     quorum_policy: str = "retry"
     """Below quorum: ``retry`` the round with a fresh sample of connected clients, or ``stop`` the run."""
     max_round_retries: int = 3
+    """Below quorum, how many times a round is retried with a fresh sample before the run stops."""
     heartbeat_timeout_s: float = 30.0
     """A client whose heartbeats stop for this long is dropped from the open round."""
     sampling_seeds: str = "independent"
@@ -434,3 +455,48 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
     return overrides
+
+
+@dataclass(frozen=True)
+class KeyHelp:
+    key: str
+    section: str
+    default: Any
+    meaning: str
+
+
+def describe_keys() -> list[KeyHelp]:
+    """Every config key with its default and meaning, read from the dataclasses above: the docstring under
+    each field is its meaning (so --help and the code cannot drift apart; a test checks that none lacks one)."""
+    import ast
+    import inspect
+
+    described = []
+    for section, cls in SECTIONS.items():
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        meanings = {}
+        for node, following in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                    and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+                meanings[node.target.id] = " ".join(following.value.value.split())
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            described.append(KeyHelp(f.name, section, getattr(instance, f.name), meanings.get(f.name, "")))
+    return described
+
+
+def keys_help_text(width: int = 100) -> str:
+    """The config keys for a --help epilog: one block per component, key (default) and its meaning."""
+    import textwrap
+
+    lines = ["config keys (in the YAML file, or key=value on the command line):"]
+    section = None
+    for item in describe_keys():
+        if item.section != section:
+            section = item.section
+            lines.append(f"  {section}:")
+        default = "null" if item.default is None else json.dumps(item.default)
+        meaning = item.meaning.replace("``", "")
+        lines.append(textwrap.fill(f"{item.key} (default {default}): {meaning}", width=width, break_on_hyphens=False,
+                                   initial_indent="    ", subsequent_indent="        "))
+    return "\n".join(lines)

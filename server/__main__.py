@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from common.config import ConfigError, RunConfig, parse_overrides
+from common.config import ConfigError, RunConfig, keys_help_text, parse_overrides
+from common.devices import device_problem, log_level
 
 
 EXIT_CODES = {"completed": 0, "stopped": 0, "quorum_lost": 1}
@@ -25,14 +27,17 @@ def _method_names() -> tuple[str, ...]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    epilog = textwrap.fill(
+        "Methods (method=NAME, common/methods/): " + ", ".join(_method_names()) + ". "
+        "Example: python -m server --config configs/minilm_bbc.yaml --address 0.0.0.0:50051 "
+        "method=fedavg num_rounds=5. A running coordinator's view of its clients: "
+        "python -m server status --coordinator HOST:PORT [--json] (see python -m server status --help).", width=100)
     parser = argparse.ArgumentParser(
         prog="python -m server",
-        description="Run the federated LoRA coordinator: it waits for num_clients clients, samples them each "
-                    "round, aggregates their LoRA factors and evaluates the global adapter.",
-        epilog="Methods (method=NAME, common/methods/): " + ", ".join(_method_names()) + ". "
-               "Example: python -m server --config configs/minilm_bbc.yaml --address 0.0.0.0:50051 "
-               "method=fedavg num_rounds=5. A running coordinator's view of its clients: "
-               "python -m server status --coordinator HOST:PORT [--json] (see python -m server status --help).",
+        description=textwrap.fill("Run the federated LoRA coordinator: it waits for num_clients clients, samples "
+                                  "them each round, aggregates their LoRA factors and evaluates the global adapter. "
+                                  "A configuration error exits with 2, a failed run with 1.", width=100),
+        epilog=epilog + "\n\n" + keys_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="flat YAML run configuration (see configs/); defaults if omitted")
     parser.add_argument("--address", default="[::]:50051",
@@ -51,25 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N: where the coordinator evaluates the global adapter (default: "
                              "cuda:0 when this host has a GPU, else cpu); keep it off the GPUs your clients train on")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", type=log_level, default="INFO",
+                        help="debug, info, warning or error (default: info); debug also shows a failure's traceback")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_rounds=5")
     return parser.parse_args(argv)
-
-
-def check_device(device: str | None) -> str | None:
-    """What is wrong with ``--device`` on this host, or None."""
-    if device is None or device == "cpu":
-        return None
-    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
-        return f"--device {device}: use cpu, cuda or cuda:N"
-    import torch
-
-    if not torch.cuda.is_available():
-        return f"--device {device} but CUDA is not available here; use --device cpu"
-    if device != "cuda" and int(device[5:]) >= torch.cuda.device_count():
-        return f"--device {device} but this host has {torch.cuda.device_count()} GPU(s): cuda:0..cuda:" \
-               f"{torch.cuda.device_count() - 1}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return status_main(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = RunConfig.load(args.config, parse_overrides(args.overrides))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    device_problem = check_device(args.device)
-    if device_problem:
-        print(f"error: {device_problem}", file=sys.stderr)
+    problem = device_problem(args.device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.resume and not (args.run_dir or config.federation.output_dir):
         print("error: --resume needs --run-dir (the run to continue), or output_dir in the config", file=sys.stderr)
@@ -109,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:   # refused run directory or resume
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:     # operational: too few clients joined, the address is taken, ...
+        if args.log_level <= logging.DEBUG:
+            raise
+        print(f"error: {error} (run with --log-level debug for the traceback)", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return EXIT_CODES.get(summary.get("status", "completed"), 1)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.__main__ import check_device, main, parse_args
+from common.devices import device_problem as check_device
+from server.__main__ import main, parse_args
 
 
 def test_default_is_left_to_the_model_and_cpu_is_always_fine():
