@@ -109,6 +109,13 @@ class DataConfig:
     dataset: str = "bbc_news"
     """bbc_news (embedded), a hub id (``hellaswag`` = ``Rowan/hellaswag``), or a local csv / json /
     jsonl / parquet file or directory (train.* plus an optional validation.* or test.*)."""
+    dataset_config: str | None = None
+    """A hub dataset's configuration (subset) name, e.g. sst2 of glue; null: its default."""
+    dataset_split: str = "train"
+    """The split the clients train on; the coordinator evaluates on validation, else test, else a held-out
+    eval_fraction of this split."""
+    dataset_revision: str | None = None
+    """A hub dataset's revision (branch, tag or commit): pin it so that a rerun reads the same rows."""
     text_column: str = "text"
     """The text column of a local or hub classification dataset."""
     label_column: str = "label"
@@ -223,6 +230,8 @@ class FederationConfig:
     output_dir: str | None = None
     """Where the coordinator writes the run when --run-dir is not given (the reference study's key);
     null: runs/<time>-<method>."""
+    keep_last_adapters: int | None = None
+    """Keep only the last N rounds' adapters/round_NNN/ folders (adapters/best is always kept); null: all."""
     save_client_updates: bool = False
     """Keep every accepted upload under updates/round_NNN/ in the run directory (audits, tests)."""
     min_clients_per_round: int | None = None
@@ -274,6 +283,8 @@ class FederationConfig:
         _require(self.round_timeout_s > 0, f"round_timeout_s={self.round_timeout_s!r}: must be positive")
         _require(self.max_update_norm is None or self.max_update_norm > 0,
                  f"max_update_norm={self.max_update_norm!r}: must be positive or null (no bound on uploads)")
+        _require(self.keep_last_adapters is None or self.keep_last_adapters >= 1,
+                 f"keep_last_adapters={self.keep_last_adapters!r}: must be at least 1 or null (keep all)")
         _require(self.min_clients_per_round is None or self.min_clients_per_round >= 1,
                  f"min_clients_per_round={self.min_clients_per_round!r}: must be at least 1 or null")
         _require(0.0 < self.min_sampled_fraction <= 1.0,

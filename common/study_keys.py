@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -88,8 +89,11 @@ def ineffective_settings(config: "RunConfig", given: Iterable[str]) -> list[str]
     data, federation = config.data, config.federation
     unread: dict[str, str] = {}
     if data.dataset in EMBEDDED_DATASETS:
-        for key in ("text_column", "label_column"):
-            unread[key] = f"the embedded dataset {data.dataset} has fixed text and label columns"
+        for key in ("text_column", "label_column", "dataset_split"):
+            unread[key] = f"the embedded dataset {data.dataset} has fixed columns and one split"
+    if data.dataset in EMBEDDED_DATASETS or Path(data.dataset).expanduser().exists():
+        for key in ("dataset_config", "dataset_revision"):
+            unread[key] = "only a hub dataset has configurations and revisions"
     elif data.task == "multiple_choice":
         unread["text_column"] = "multiple_choice reads HellaSwag's columns (ctx_a, ctx_b, endings)"
     if data.partitioning == "iid":

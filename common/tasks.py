@@ -154,13 +154,16 @@ def _read_splits(cfg: DataConfig) -> tuple[Any, Any | None]:
         splits = _load_local_dataset(path, cfg)
     else:
         splits = _load_hub_dataset(cfg)
-    if "train" not in splits:
-        raise ConfigError(f"dataset={cfg.dataset!r} has no 'train' split (splits: {sorted(splits)}); "
-                          "name the training file train.csv / train.jsonl / ... or give a single file")
-    eval_name = next((name for name in EVAL_SPLITS if name in splits), None)
+    train_name = cfg.dataset_split
+    if train_name not in splits:
+        raise ConfigError(f"dataset={cfg.dataset!r} has no {train_name!r} split (splits: {sorted(splits)}); "
+                          "set dataset_split to one of them, or name the training file train.csv / train.jsonl / "
+                          "... or give a single file")
+    eval_name = next((name for name in EVAL_SPLITS if name in splits and name != train_name), None)
     if eval_name:
-        logger.info("dataset %s: evaluating on its %r split", cfg.dataset, eval_name)
-    return splits["train"], (splits[eval_name] if eval_name else None)
+        logger.info("dataset %s: training on its %r split, evaluating on its %r split", cfg.dataset, train_name,
+                    eval_name)
+    return splits[train_name], (splits[eval_name] if eval_name else None)
 
 
 def _read_bbc_news() -> _RawSplit:
@@ -217,7 +220,8 @@ def _load_hub_dataset(cfg: DataConfig) -> dict[str, Any]:
 
     try:
         with _quiet_datasets():
-            return dict(datasets.load_dataset(HUB_ALIASES.get(cfg.dataset, cfg.dataset)))
+            return dict(datasets.load_dataset(HUB_ALIASES.get(cfg.dataset, cfg.dataset), cfg.dataset_config,
+                                              revision=cfg.dataset_revision))
     except Exception as exc:  # the hub raises many types (offline, not found, gated...)
         raise ConfigError(
             f"dataset={cfg.dataset!r} is not a local path and could not be loaded from the Hugging Face Hub "

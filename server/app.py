@@ -78,7 +78,7 @@ def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[:
     model = ServerModel(config, data.eval, num_labels=len(data.label_names), device=device)
     coordinator = Coordinator(config, directory, model, model.initial_state(),
                               partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s,
-                              run_id=directory.run_id(resume))
+                              run_id=directory.run_id(resume), label_names=data.label_names)
     if resume:
         committed = coordinator.restore()
         directory.append_event({"event": "resumed", "after_round": committed})

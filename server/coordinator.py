@@ -38,6 +38,7 @@ from common.metrics import alignment_metrics
 from common.sampling import sample_clients
 from common.methods import Recipient, get_method
 from common.validation import ExpectedTensors, PayloadRejected
+from server.adapter_card import AdapterCard
 from server.errors import BadRequest, DuplicateUpdate, NotAccepting, PayloadTooLarge, UploadInProgress
 from server.outputs import RunDirectory, summarize
 from server.registry import ClientRecord, ClientRegistry
@@ -97,7 +98,7 @@ def round_seed(seed: int, round_index: int, partition: int) -> int:
 class Coordinator:
     def __init__(self, config: RunConfig, run_dir: RunDirectory, model: GlobalModel,
                  initial_state: dict[str, torch.Tensor], partition_sizes: list[int],
-                 poll_timeout_s: float = 10.0, run_id: str = "") -> None:
+                 poll_timeout_s: float = 10.0, run_id: str = "", label_names: list[str] | None = None) -> None:
         self.config = config
         self.run_dir = run_dir
         self.model = model
@@ -127,6 +128,7 @@ class Coordinator:
         self._stop_requested = False
         self._informed: set[str] = set()   # client ids told that the run is over
         self.run_id = run_id
+        self.label_names = label_names or []        # for the saved adapters' model card and labels.json
         # The operator's view (server/status.py): what the run is doing, and how long rounds take here.
         self._phase = "waiting_for_clients"
         self._started = time.monotonic()
@@ -601,6 +603,7 @@ class Coordinator:
         directory.parent.mkdir(parents=True, exist_ok=True)
         self.model.save(closed.new_global, directory)
         accuracy = closed.evaluation.get("accuracy")
+        AdapterCard(self.config, self.label_names, current.index, accuracy, self.run_id).write_into(directory)
         if accuracy is not None and accuracy > self._best_accuracy:
             self._best_accuracy = accuracy
             self.run_dir.mark_best(current.index)
@@ -617,6 +620,9 @@ class Coordinator:
             self._completed_rounds = round_index
             self._participation.update(update.client for _, update, _ in self._round.reported())
             self._round_durations.append(time.monotonic() - self._round_started)
+        keep = self.config.federation.keep_last_adapters
+        if keep is not None:        # after the commit: a resume never needs a pruned round's folder
+            self.run_dir.prune_round_adapters(keep_last=keep, latest=round_index)
 
 
 def _fmt(value: Any) -> str:

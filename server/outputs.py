@@ -124,6 +124,17 @@ class RunDirectory:
     def round_adapter_dir(self, round_index: int) -> Path:
         return self.adapters / f"round_{round_index:03d}"
 
+    def prune_round_adapters(self, keep_last: int, latest: int) -> list[int]:
+        """Delete adapters/round_NNN/ of rounds before the last ``keep_last`` (adapters/best is a copy of its
+        own, so the best round is always kept); returns the rounds deleted."""
+        pruned = []
+        for folder in sorted(self.adapters.glob("round_*")):
+            index = int(folder.name.split("_", 1)[1])
+            if index <= latest - keep_last:
+                shutil.rmtree(folder, ignore_errors=True)
+                pruned.append(index)
+        return pruned
+
     def mark_best(self, round_index: int) -> None:
         """Copy round NNN's adapter to adapters/best (copy beside, then swap)."""
         source = self.round_adapter_dir(round_index)

@@ -248,3 +248,33 @@ def test_embedded_bbc_news() -> None:
     assert data.partition_values == [r["label"] for r in data.train]
     assert all(r["text"].strip() for r in data.train[:50])
     assert load_task_data(cfg, seed=42) == data
+
+
+def test_dataset_split_chooses_the_training_split(tmp_path: Path) -> None:
+    write_csv(tmp_path / "train.csv", ["unused one", "unused two"], ["cats", "dogs"])
+    write_csv(tmp_path / "test.csv", TEXTS, TOPICS)
+    write_csv(tmp_path / "validation.csv", ["held out one", "held out two"], ["cats", "fish"])
+    data = load_task_data(DataConfig(dataset=str(tmp_path), dataset_split="test", max_eval_samples=None), seed=0)
+    assert sorted(r["text"] for r in data.train) == sorted(TEXTS)
+    assert sorted(r["text"] for r in data.eval) == ["held out one", "held out two"]
+    with pytest.raises(ConfigError, match="has no 'dev' split .*set dataset_split to one of them"):
+        load_task_data(DataConfig(dataset=str(tmp_path), dataset_split="dev"), seed=0)
+
+
+def test_a_hub_dataset_is_loaded_with_its_configuration_and_revision(monkeypatch) -> None:
+    # No hub here: what reaches datasets.load_dataset is what the hub would be asked for.
+    import datasets
+
+    asked = {}
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        asked.update(path=path, name=name, **kwargs)
+        rows = datasets.Dataset.from_dict({"sentence": TEXTS, "label": [i % 2 for i in range(len(TEXTS))]})
+        return datasets.DatasetDict({"train": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    revision = "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c"
+    cfg = DataConfig(dataset="nyu-mll/glue", dataset_config="sst2", dataset_revision=revision, text_column="sentence")
+    data = load_task_data(cfg, seed=0)
+    assert asked == {"path": "nyu-mll/glue", "name": "sst2", "revision": revision}
+    assert data.label_names == ["0", "1"] and len(data.train) + len(data.eval) == len(TEXTS)

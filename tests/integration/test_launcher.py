@@ -27,6 +27,18 @@ def test_launcher_runs_a_federation_and_prints_rounds_summary_and_run_dir(tmp_pa
     assert len(round_lines) == 2 and all("acc " in line and "overlap " in line and " MB" in line for line in round_lines)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == "svd" and summary["rounds_completed"] == 2
+    # The saved adapter describes itself and loads with PEFT onto its base model.
+    best = run_dir / "adapters" / "best"
+    labels = json.loads((best / "labels.json").read_text())["id2label"]
+    assert labels == {"0": "business", "1": "entertainment", "2": "politics", "3": "sports", "4": "tech"}
+    assert f"svd, round {summary['best_round']}" in (best / "README.md").read_text()
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base_name = json.loads((best / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_name == str(run_dir / "tiny_model")            # a user's own model: as the config named it
+    base = AutoModelForSequenceClassification.from_pretrained(base_name, num_labels=5)
+    assert PeftModel.from_pretrained(base, str(best)).peft_config["default"].r == 8
     # TensorBoard's reader finds each round's accuracy and bytes of metrics.jsonl in the run's event files.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
