@@ -23,8 +23,14 @@ The d x k product M is never formed. Stacking B_s = [B_1 .. B_K] (d, Kr) and
 A_s = [A_1; ..; A_K] (Kr, k) gives M = B_s diag(w) A_s with w = s p_i repeated r times;
 QR on both sides (B_s = Q_b R_b, A_s^T = Q_a R_a) leaves a small core R_b diag(w) R_a^T
 (Kr, Kr) whose SVD, lifted back through Q_b and Q_a, is the exact SVD of M in
-O((d + k)(Kr)^2). Everything is computed in float64 and returned in the dtype of the
-global adapter's tensors.
+O((d + k)(Kr)^2). Only R is needed from each QR: Q stays implicit in LAPACK's Householder
+reflectors (geqrf) and lifts just the r kept singular vectors (ormqr). Everything is computed in
+float64 and returned in the dtype of the global adapter's tensors.
+
+Layers are independent and a model has few distinct layer shapes (RoBERTa-large: 145 adapted
+layers, 97 of them 1024 x 1024), so the layers of one shape are stacked and every step above runs
+once per shape group as batched QR / SVD / matmul (``layers_by_shape``, ``aggregate_group``), with
+the same result per layer as one layer alone, to float64 rounding.
 
 This module is the server step's math only. A method (what is sent, what trains, the client's
 penalty, what is uploaded, this step) is one class in common/methods/; a new method whose step
@@ -42,7 +48,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate, LoraFactors, stack_factors
+from common.adapter import AdapterState, ClientUpdate, LoraFactors
 
 logger = logging.getLogger(__name__)
 
@@ -105,50 +111,75 @@ class Strategy(Protocol):
 
 
 # --------------------------------------------------------------------------- low-rank linear algebra
+#
+# Every function here works on one layer's matrices or, unchanged, on a stack of n layers of one
+# shape (a leading batch dimension): torch's QR, SVD and matmul are batched over leading dimensions.
 
 
 @dataclass(frozen=True)
 class _LowRankSvd:
-    """Top singular triplets of M: u (d, q), v (k, q) orthonormal columns, s (q,) descending."""
+    """Top singular triplets of M: u (d, q), v (k, q) orthonormal columns, s (q,) descending
+    (stacked: (n, d, q), (n, k, q), (n, q))."""
 
-    u: torch.Tensor  # (d, q)
-    s: torch.Tensor  # (q,)
-    v: torch.Tensor  # (k, q)
+    u: torch.Tensor  # (n, d, q)
+    s: torch.Tensor  # (n, q)
+    v: torch.Tensor  # (n, k, q)
+
+
+def _householder_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced QR of x (n, rows, m) with Q left implicit: (reflectors, tau, R (n, min(rows, m), m)).
+
+    R is exactly ``torch.linalg.qr``'s (the same LAPACK geqrf); Q is never formed, because only a few
+    of its columns' combinations are ever needed (``_apply_q``): forming it (orgqr) costs as much as
+    the factorization, and multiplying by it as much again.
+    """
+    reflectors, tau = torch.geqrf(x)  # (n, rows, m), (n, min(rows, m))
+    return reflectors, tau, reflectors[..., : tau.shape[-1], :].triu()
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """Q_reduced @ small (n, min(rows, m), q) -> (n, rows, q), from geqrf's reflectors (LAPACK ormqr)."""
+    rows = reflectors.shape[-2]
+    padded = small.new_zeros(*small.shape[:-2], rows, small.shape[-1])  # (n, rows, q): the full Q times [small; 0]
+    padded[..., : small.shape[-2], :] = small
+    return torch.ormqr(reflectors, tau, padded)
 
 
 def _top_svd_of_weighted_product(
     b_stack: torch.Tensor, weights: torch.Tensor, a_stack: torch.Tensor, rank: int
-) -> tuple[_LowRankSvd, float]:
-    """Top-``rank`` SVD of M = B_s diag(w) A_s and ||M||_F, without forming the (d, k) product M.
+) -> tuple[_LowRankSvd, torch.Tensor]:
+    """Top-``rank`` SVD of M = B_s diag(w) A_s and ||M||_F (n,), without forming the (d, k) product M.
 
     Exact: M = Q_b (R_b diag(w) R_a^T) Q_a^T with orthonormal Q_b, Q_a, so M's singular values
     are the small core's and its singular vectors are the core's lifted through Q_b and Q_a.
     Only the kept ``rank`` vectors are lifted (the lift is the costly (d, m) x (m, rank) part).
     """
-    q_b, r_b = torch.linalg.qr(b_stack)  # (d, m_b), (m_b, m)
-    q_a, r_a = torch.linalg.qr(a_stack.T)  # (k, m_a), (m_a, m)
-    core = (r_b * weights) @ r_a.T  # (m_b, m_a), m_b = min(d, m), m_a = min(k, m)
-    u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)
-    kept = min(rank, sigma.shape[0])
-    top = _LowRankSvd(u=q_b @ u_core[:, :kept], s=sigma[:kept], v=q_a @ vh_core[:kept].T)
-    return top, float(torch.linalg.vector_norm(sigma))
+    reflectors_b, tau_b, r_b = _householder_qr(b_stack)  # R_b (n, m_b, m)
+    reflectors_a, tau_a, r_a = _householder_qr(a_stack.mT)  # R_a (n, m_a, m)
+    core = (r_b * weights) @ r_a.mT  # (n, m_b, m_a), m_b = min(d, m), m_a = min(k, m)
+    u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)  # (n, m_b, q), (n, q), (n, q, m_a)
+    kept = min(rank, sigma.shape[-1])
+    top = _LowRankSvd(u=_apply_q(reflectors_b, tau_b, u_core[..., :kept]),  # (n, d, kept)
+                      s=sigma[..., :kept],
+                      v=_apply_q(reflectors_a, tau_a, vh_core[..., :kept, :].mT))  # (n, k, kept)
+    return top, torch.linalg.vector_norm(sigma, dim=-1)
 
 
 def _complete_orthonormal(basis: torch.Tensor, width: int) -> torch.Tensor:
-    """Extend orthonormal columns (n, q) to (n, width) with directions orthogonal to them.
+    """Extend orthonormal columns (n, d, q) to (n, d, width) with directions orthogonal to them.
 
     The new columns only ever meet zero singular values, so any orthonormal completion is
-    correct; a fixed-seed Gaussian draw keeps the result deterministic and, unlike picking
-    unit vectors, can never fall inside span(basis).
+    correct; a fixed-seed Gaussian draw (the same for every layer) keeps the result deterministic
+    and, unlike picking unit vectors, can never fall inside span(basis).
     """
-    n, q = basis.shape
+    rows, q = basis.shape[-2:]
     if q >= width:
-        return basis[:, :width]
+        return basis[..., :width]
     generator = torch.Generator(device="cpu").manual_seed(_COMPLETION_SEED)
-    draw = torch.randn(n, width - q, generator=generator, dtype=basis.dtype).to(basis.device)  # (n, width - q)
+    draw = torch.randn(rows, width - q, generator=generator, dtype=basis.dtype).to(basis.device)  # (d, width - q)
     # Householder QR of [basis | draw]: its trailing columns are orthonormal and orthogonal to basis.
-    q_full, _ = torch.linalg.qr(torch.cat([basis, draw], dim=1))  # (n, width)
-    return torch.cat([basis, q_full[:, q:]], dim=1)
+    q_full, _ = torch.linalg.qr(torch.cat([basis, draw.expand(*basis.shape[:-1], -1)], dim=-1))  # (n, d, width)
+    return torch.cat([basis, q_full[..., q:]], dim=-1)
 
 
 def _canonical_signs(svd: _LowRankSvd) -> _LowRankSvd:
@@ -157,33 +188,34 @@ def _canonical_signs(svd: _LowRankSvd) -> _LowRankSvd:
     SVD fixes singular vectors only up to a joint sign; pinning it makes the output
     deterministic across LAPACK builds and comparable between rounds.
     """
-    if svd.u.shape[1] == 0:
+    if svd.u.shape[-1] == 0:
         return svd
-    rows = svd.u.abs().argmax(dim=0)  # (q,)
-    signs = torch.sign(svd.u[rows, torch.arange(svd.u.shape[1], device=svd.u.device)])  # (q,)
+    rows = svd.u.abs().argmax(dim=-2, keepdim=True)  # (n, 1, q)
+    signs = torch.sign(torch.gather(svd.u, -2, rows))  # (n, 1, q)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return _LowRankSvd(u=svd.u * signs, s=svd.s, v=svd.v * signs)
 
 
 def _truncate(svd: _LowRankSvd, rank: int) -> _LowRankSvd:
     """Exactly ``rank`` triplets: the top ones, padded with zero singular values when M has fewer."""
-    kept = svd.s.shape[0]
+    kept = svd.s.shape[-1]
     if kept >= rank:
-        return _LowRankSvd(u=svd.u[:, :rank], s=svd.s[:rank], v=svd.v[:, :rank])
-    padding = torch.zeros(rank - kept, dtype=svd.s.dtype, device=svd.s.device)
+        return _LowRankSvd(u=svd.u[..., :rank], s=svd.s[..., :rank], v=svd.v[..., :rank])
+    padding = svd.s.new_zeros(*svd.s.shape[:-1], rank - kept)
     return _LowRankSvd(
-        u=_complete_orthonormal(svd.u, rank),  # (d, rank)
-        s=torch.cat([svd.s, padding]),  # (rank,)
-        v=_complete_orthonormal(svd.v, rank),  # (k, rank)
+        u=_complete_orthonormal(svd.u, rank),  # (n, d, rank)
+        s=torch.cat([svd.s, padding], dim=-1),  # (n, rank)
+        v=_complete_orthonormal(svd.v, rank),  # (n, k, rank)
     )
 
 
 def left_basis_of_product(b: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
-    """U (d, rank), orthonormal: the top-``rank`` left singular subspace of B A (d, k), factored.
+    """U (d, rank), orthonormal: the top-``rank`` left singular subspace of B A (d, k), factored
+    (stacked: B (n, d, r), A (n, r, k) give (n, d, rank)).
 
     Directions beyond the rank of B A are an arbitrary orthonormal completion.
     """
-    ones = torch.ones(b.shape[1], dtype=b.dtype, device=b.device)
+    ones = torch.ones(b.shape[-1], dtype=b.dtype, device=b.device)
     top, _ = _top_svd_of_weighted_product(b, ones, a, rank)
     return _canonical_signs(_truncate(top, rank)).u
 
@@ -240,28 +272,56 @@ def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class LayerInputs:
-    """One layer's factors in float64: the previous global ones and each client's."""
+class GroupInputs:
+    """The layers of one shape, stacked (n layers), in float64: the previous global factors and the clients'
+    factors side by side. Layers are independent, so a method's step runs once per group, batched over n."""
 
-    global_factors: LoraFactors  # A (r_g, k), B (d, r_g)
-    clients: list[LoraFactors]  # K x [A (r_c, k), B (d, r_c)]
+    global_factors: LoraFactors  # A (n, r_g, k), B (n, d, r_g)
+    client_b: torch.Tensor  # (n, d, K r_c): per layer B_s = [B_1 .. B_K], column-major (what LAPACK's QR reads)
+    client_a: torch.Tensor  # (n, K r_c, k): per layer A_s = [A_1; ..; A_K]
     weights: torch.Tensor  # (K,) p_i
+
+    @property
+    def clients(self) -> list[LoraFactors]:
+        """K x [A (n, r_c, k), B (n, d, r_c)]: each client's factors, views into the stacks."""
+        rank = self.client_a.shape[-2] // self.weights.shape[0]
+        return [LoraFactors(A=self.client_a[..., i * rank:(i + 1) * rank, :], B=self.client_b[..., i * rank:(i + 1) * rank])
+                for i in range(self.weights.shape[0])]
 
 
 @dataclass(frozen=True)
-class LayerOutput:
-    factors: LoraFactors  # A (r, k), B (d, r), float64
-    basis: torch.Tensor  # (d, r) orthonormal
+class GroupOutput:
+    factors: LoraFactors  # A (n, r, k), B (n, d, r), float64
+    basis: torch.Tensor  # (n, d, r) orthonormal columns
 
 
-def _as_compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(device=like.device, dtype=COMPUTE_DTYPE)
+def layers_by_shape(state: AdapterState) -> list[list[str]]:
+    """The adapter's layers grouped by the shapes, dtypes and device of their factors, each group in the
+    adapter's order (RoBERTa-large: 145 layers in three groups, 97 of them 1024 x 1024)."""
+    groups: dict[tuple, list[str]] = {}
+    for layer, f in state.lora.items():
+        key = (tuple(f.A.shape), tuple(f.B.shape), f.A.dtype, f.B.dtype, f.A.device)
+        groups.setdefault(key, []).append(layer)
+    return list(groups.values())
+
+
+def _stacked(tensors: Sequence[torch.Tensor], like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Equally shaped tensors (rows_i, cols), in order, as one float64 (n, rows, cols) stack on ``like``'s
+    device: consecutive tensors fill each (rows, cols) block top to bottom."""
+    stack = torch.stack([t.to(device=like.device) for t in tensors])  # (n rows / rows_i, rows_i, cols)
+    return stack.view(-1, rows, stack.shape[-1]).to(COMPUTE_DTYPE)
+
+
+def _unstacked(stack: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, a contiguous tensor of its own in ``like``'s dtype (not a view of the group's stack)."""
+    return [t.to(dtype=like.dtype, copy=True, memory_format=torch.contiguous_format) for t in stack.unbind(0)]
 
 
 class LayerwiseStrategy(ABC):
-    """Validation, per-layer loop, head averaging and dtype handling shared by every method.
+    """Validation, grouping of layers by shape, head averaging and dtype handling shared by every method.
 
-    A method only supplies ``aggregate_layer``, which sees float64 factors of one layer.
+    A method only supplies ``aggregate_group``, which sees float64 stacks of the layers of one shape:
+    layers are independent, so batched QR, SVD and matmul over a group replace a Python loop per layer.
     """
 
     name: str
@@ -273,18 +333,24 @@ class LayerwiseStrategy(ABC):
         weights = client_weights(updates)  # (K,)
         lora: dict[str, LoraFactors] = {}
         basis: dict[str, torch.Tensor] = {}
-        for layer, old in global_state.lora.items():
-            inputs = LayerInputs(
-                global_factors=LoraFactors(A=_as_compute(old.A, old.A), B=_as_compute(old.B, old.B)),
-                clients=[
-                    LoraFactors(A=_as_compute(u.state.lora[layer].A, old.A), B=_as_compute(u.state.lora[layer].B, old.B))
-                    for u in updates
-                ],
+        for layers in layers_by_shape(global_state):
+            old = global_state.lora[layers[0]]
+            r_g, r_c = old.A.shape[0], updates[0].state.lora[layers[0]].A.shape[0]
+            # B is stacked as B^T, (n, r, d), and used through a transposed view: column-major, what LAPACK's
+            # QR reads. The clients' factors are stacked side by side at once: B_s, A_s without a second copy.
+            inputs = GroupInputs(
+                global_factors=LoraFactors(A=_stacked([global_state.lora[layer].A for layer in layers], old.A, r_g),
+                                           B=_stacked([global_state.lora[layer].B.mT for layer in layers], old.B, r_g).mT),
+                client_b=_stacked([u.state.lora[layer].B.mT for layer in layers for u in updates], old.B, len(updates) * r_c).mT,
+                client_a=_stacked([u.state.lora[layer].A for layer in layers for u in updates], old.A, len(updates) * r_c),
                 weights=weights.to(old.A.device),
             )
-            out = self.aggregate_layer(layer, inputs, settings)
-            lora[layer] = LoraFactors(A=out.factors.A.to(old.A.dtype), B=out.factors.B.to(old.B.dtype))
-            basis[layer] = out.basis.to(old.B.dtype)
+            out = self.aggregate_group(layers, inputs, settings)
+            for layer, a, b, u in zip(layers, _unstacked(out.factors.A, old.A), _unstacked(out.factors.B, old.B),
+                                      _unstacked(out.basis, old.B)):
+                lora[layer], basis[layer] = LoraFactors(A=a, B=b), u
+        lora = {layer: lora[layer] for layer in global_state.lora}  # the adapter's order
+        basis = {layer: basis[layer] for layer in global_state.lora}
         extra = {key: _weighted_mean([u.state.extra[key] for u in updates], weights, like)
                  for key, like in global_state.extra.items()}
         logger.debug("%s aggregated %d layers and %d extra tensors from %d clients",
@@ -292,8 +358,12 @@ class LayerwiseStrategy(ABC):
         return AggregationResult(state=AdapterState(lora=lora, extra=extra), reference_basis=basis)
 
     @abstractmethod
-    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
-        """New float64 factors (A (r, k), B (d, r)) and orthonormal U (d, r) of one layer."""
+    def aggregate_group(self, layers: list[str], inputs: GroupInputs, settings: AggregationSettings) -> GroupOutput:
+        """New float64 factors (A (n, r, k), B (n, d, r)) and orthonormal U (n, d, r) of the n ``layers``."""
+
+
+def _as_compute(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.to(device=like.device, dtype=COMPUTE_DTYPE)
 
 
 def _weighted_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -315,86 +385,91 @@ class FedAvg(LayerwiseStrategy):
 
     name = "fedavg"
 
-    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
+    def aggregate_group(self, layers: list[str], inputs: GroupInputs, settings: AggregationSettings) -> GroupOutput:
         client_rank = inputs.global_factors.rank
         if settings.rank < client_rank:
             raise ValueError(
                 f"rank={settings.rank}: fedavg averages factors and keeps the clients' rank {client_rank} "
-                f"(layer {layer!r}); set rank >= {client_rank} or use svd / subspace_reg to truncate"
+                f"(layer {layers[0]!r}); set rank >= {client_rank} or use svd / subspace_reg to truncate"
             )
-        a = sum(w * f.A for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (r_c, k)
-        b = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (d, r_c)
+        a = sum(w * f.A for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (n, r_c, k)
+        b = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (n, d, r_c)
         pad = settings.rank - client_rank
-        a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)  # (r, k)
-        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # (d, r)
-        return LayerOutput(factors=LoraFactors(A=a, B=b), basis=left_basis_of_product(b, a, settings.rank))
+        a = torch.cat([a, a.new_zeros(*a.shape[:-2], pad, a.shape[-1])], dim=-2)  # (n, r, k)
+        b = torch.cat([b, b.new_zeros(*b.shape[:-1], pad)], dim=-1)  # (n, d, r)
+        return GroupOutput(factors=LoraFactors(A=a, B=b), basis=left_basis_of_product(b, a, settings.rank))
 
 
 # --------------------------------------------------------------------------- re-factorizing methods
 
-TargetFn = Callable[[LayerInputs, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""(inputs, s) -> (B_s (d, m), w (m,), A_s (m, k)) with the target M = B_s diag(w) A_s."""
+TargetFn = Callable[[GroupInputs, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""(inputs, s) -> (B_s (n, d, m), w (m,), A_s (n, m, k)) with each layer's target M = B_s diag(w) A_s."""
 
 SplitFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""(U (d, r), sigma (r,) = S / s, V (k, r)) -> (B (d, r), A (r, k)) with B A = U diag(sigma) V^T."""
+"""(U (n, d, r), sigma (n, r) = S / s, V (n, k, r)) -> (B (n, d, r), A (n, r, k)) with B A = U diag(sigma) V^T
+per layer (written with ``mT`` and ``unsqueeze(-1/-2)`` it reads the same for one layer as for a stack)."""
 
 
-def client_mixture_target(inputs: LayerInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def client_mixture_target(inputs: GroupInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M = sum p_i s B_i A_i as stacked factors: B_s = [B_1 .. B_K], A_s = [A_1; ..; A_K]."""
-    b_stack, a_stack = stack_factors(inputs.clients)  # (d, K r_c), (K r_c, k)
-    client_rank = inputs.clients[0].rank
+    client_rank = inputs.client_a.shape[-2] // inputs.weights.shape[0]
     weights = (scaling * inputs.weights).repeat_interleave(client_rank)  # (K r_c,)
-    return b_stack, weights, a_stack
+    return inputs.client_b, weights, inputs.client_a  # (n, d, K r_c), (K r_c,), (n, K r_c, k)
 
 
-def frozen_a_target(inputs: LayerInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frozen_a_target(inputs: GroupInputs, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """M = s (sum p_i B_i) A_g: fedsvd's clients trained B only, against the previous round's A_g."""
-    b_mean = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (d, r_g)
-    a_prev = inputs.global_factors.A  # (r_g, k)
-    weights = torch.full((a_prev.shape[0],), scaling, dtype=a_prev.dtype, device=a_prev.device)  # (r_g,)
+    b_mean = sum(w * f.B for w, f in zip(inputs.weights.tolist(), inputs.clients))  # (n, d, r_g)
+    a_prev = inputs.global_factors.A  # (n, r_g, k)
+    weights = torch.full((a_prev.shape[-2],), scaling, dtype=a_prev.dtype, device=a_prev.device)  # (r_g,)
     return b_mean, weights, a_prev
 
 
 def split_balanced(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """svd: B = U S^1/2, A = S^1/2 V^T."""
-    root = sigma.sqrt()  # (r,)
-    return u * root, root[:, None] * v.T
+    root = sigma.sqrt()  # (n, r)
+    return u * root.unsqueeze(-2), root.unsqueeze(-1) * v.mT
 
 
 def split_orthonormal_a(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fedsvd: B = U S, A = V^T (orthonormal rows, what the clients freeze next round)."""
-    return u * sigma, v.T.clone()
+    return u * sigma.unsqueeze(-2), v.mT.clone()
 
 
 def split_orthonormal_b(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """subspace_reg: B = U (orthonormal columns: the reference subspace), A = S V^T."""
-    return u.clone(), sigma[:, None] * v.T
+    return u.clone(), sigma.unsqueeze(-1) * v.mT
 
 
 @dataclass(frozen=True)
 class RefactorizingStrategy(LayerwiseStrategy):
-    """Build the target M, clip it, take its rank-r SVD, split it into factors and rescale."""
+    """Build the target M, clip it, take its rank-r SVD, split it into factors and rescale (per layer,
+    batched over the layers of one shape)."""
 
     name: str
     target: TargetFn
     split: SplitFn
 
-    def aggregate_layer(self, layer: str, inputs: LayerInputs, settings: AggregationSettings) -> LayerOutput:
-        b_stack, weights, a_stack = self.target(inputs, settings.scaling)
+    def aggregate_group(self, layers: list[str], inputs: GroupInputs, settings: AggregationSettings) -> GroupOutput:
+        b_stack, weights, a_stack = self.target(inputs, settings.scaling)  # (n, d, m), (m,), (n, m, k)
         top, target_norm = _top_svd_of_weighted_product(b_stack, weights, a_stack, settings.rank)
-        sigma = top.s  # (<= r,) top singular values of M; target_norm = ||M||_F from all of them
+        sigma = top.s  # (n, <= r) top singular values of M; target_norm (n,) = ||M||_F from all of them
         clip = settings.max_update_norm
-        if clip is not None and target_norm > clip:
-            logger.debug("%s layer %s: ||M||_F = %.4g clipped to %.4g", self.name, layer, target_norm, clip)
-            sigma = sigma * (clip / target_norm)
-            target_norm = clip
+        if clip is not None:
+            clipped = target_norm > clip  # (n,)
+            for i in clipped.nonzero().flatten().tolist() if logger.isEnabledFor(logging.DEBUG) else ():
+                logger.debug("%s layer %s: ||M||_F = %.4g clipped to %.4g", self.name, layers[i], target_norm[i], clip)
+            sigma = torch.where(clipped.unsqueeze(-1), sigma * (clip / target_norm).unsqueeze(-1), sigma)
+            target_norm = torch.where(clipped, torch.full_like(target_norm, clip), target_norm)
         kept = _canonical_signs(_truncate(_LowRankSvd(u=top.u, s=sigma, v=top.v), settings.rank))
-        b, a = self.split(kept.u, kept.s / settings.scaling, kept.v)  # (d, r), (r, k)
-        kept_norm = float(torch.linalg.vector_norm(kept.s))  # ||s B A||_F before the gain
+        b, a = self.split(kept.u, kept.s / settings.scaling, kept.v)  # (n, d, r), (n, r, k)
+        kept_norm = torch.linalg.vector_norm(kept.s, dim=-1)  # (n,) ||s B A||_F before the gain
         # Truncation drops energy; the gain puts the clipped target's norm back. A zero
         # target (every B still zero) has nothing to restore: leave it, never divide by 0.
-        gain = math.sqrt(target_norm / kept_norm) if kept_norm > 0.0 else 1.0
-        return LayerOutput(factors=LoraFactors(A=a * gain, B=b * gain), basis=kept.u)
+        nonzero = kept_norm > 0.0
+        gain = torch.where(nonzero, (target_norm / torch.where(nonzero, kept_norm, 1.0)).sqrt(), 1.0)  # (n,)
+        gain = gain[:, None, None]
+        return GroupOutput(factors=LoraFactors(A=a * gain, B=b * gain), basis=kept.u)
 
 
 # --------------------------------------------------------------------------- registry

@@ -369,3 +369,55 @@ def test_registering_a_method_is_one_entry() -> None:
             register(STRATEGIES[name])
     finally:
         del STRATEGIES[name]
+
+
+# --------------------------------------------------------------------------- layers batched by shape
+
+# Three shape groups: three (12, 9) layers, two (9, 14) and one (7, 7) alone in its group.
+MIXED_SHAPES = {"g.0": (12, 9), "h.0": (9, 14), "g.1": (12, 9), "single": (7, 7), "h.1": (9, 14), "g.2": (12, 9)}
+
+
+def one_layer_at_a_time(method: str, global_state: AdapterState, updates: list[ClientUpdate],
+                        config: AggregationSettings) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
+    """The per-layer reference: the same step on each layer alone (a group of one), as a Python loop."""
+    lora, basis = {}, {}
+    for layer in global_state.lora:
+        alone = aggregate(method, AdapterState(lora={layer: global_state.lora[layer]}),
+                          [ClientUpdate(client=u.client, num_examples=u.num_examples,
+                                        state=AdapterState(lora={layer: u.state.lora[layer]})) for u in updates],
+                          config)
+        lora[layer], basis[layer] = alone.state.lora[layer], alone.reference_basis[layer]
+    return lora, basis
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("num_clients", [1, 3, 10])
+@pytest.mark.parametrize("clip", ["none", "active"])
+def test_layers_batched_by_shape_equal_each_layer_alone(method: str, num_clients: int, clip: str) -> None:
+    """Layers of one shape are aggregated as one batched stack; each layer's factors and basis, signs
+    included, equal the same step on that layer alone, to float64 rounding, in the adapter's order."""
+    gen = make_generator(10 + num_clients)
+    global_state = random_state(gen, MIXED_SHAPES, 4, head=HEAD_SHAPES)
+    updates = random_updates(gen, MIXED_SHAPES, 4, num_clients, head=HEAD_SHAPES)
+    assert len({u.num_examples for u in updates}) == num_clients  # unequal weights
+    norms = [float(torch.linalg.matrix_norm(dense_target(method, layer, global_state, updates, SCALING)))
+             for layer in MIXED_SHAPES]
+    config = AggregationSettings(SCALING, 4, None if clip == "none" else 0.5 * sorted(norms)[len(norms) // 2])
+    result = aggregate(method, global_state, updates, config)
+    lora, basis = one_layer_at_a_time(method, global_state, updates, config)
+    assert list(result.state.lora) == list(result.reference_basis) == list(global_state.lora)
+    for layer in global_state.lora:
+        for batched, alone in [(result.state.lora[layer].A, lora[layer].A), (result.state.lora[layer].B, lora[layer].B),
+                               (result.reference_basis[layer], basis[layer])]:
+            assert batched.shape == alone.shape and batched.is_contiguous()
+            assert torch.allclose(batched, alone, rtol=0, atol=1e-13 * float(alone.abs().max()))
+
+
+def test_batched_outputs_do_not_share_memory() -> None:
+    """Each layer's result is a tensor of its own (not a view into its group's stack), in float64 too."""
+    gen = make_generator(11)
+    global_state = random_state(gen, MIXED_SHAPES, 4)
+    result = aggregate("subspace_reg", global_state, random_updates(gen, MIXED_SHAPES, 4, 3), AggregationSettings(SCALING, 4, None))
+    storages = [t.untyped_storage().data_ptr() for layer in MIXED_SHAPES
+                for t in (result.state.lora[layer].A, result.state.lora[layer].B, result.reference_basis[layer])]
+    assert len(set(storages)) == len(storages)

@@ -118,3 +118,18 @@ def test_gradients_accumulate_like_autograd() -> None:
     once = grads(dense_regularizer(local, reference, 2.0, 0.05, 0.01, 1e-5), local)
     for g_acc, g_once in zip(accumulated, once):
         assert rel_err(g_acc, 2 * g_once) <= TOL
+
+
+def test_layers_batched_by_shape_equal_each_layer_alone() -> None:
+    """Layers of equal shape are stacked into one batched computation; batching must not mix them: the
+    value and every gradient equal the mean of each layer's regularizer computed on its own (float64
+    rounding). Three groups: three (12, 9) layers, two (9, 14) and one (7, 7) alone in its group."""
+    shapes = [(12, 9), (9, 14), (12, 9), (7, 7), (9, 14), (12, 9)]
+    local, reference = make_case(8, 4, shapes)
+    batched = subspace_regularizer(local, reference, 2.0, 0.05, 0.01, 1e-5)
+    batched_grads = grads(batched, local)
+    per_layer = [subspace_regularizer({layer: pair}, reference, 2.0, 0.05, 0.01, 1e-5) for layer, pair in local.items()]
+    assert rel_err(batched.detach(), (sum(per_layer) / len(per_layer)).detach()) <= 1e-13
+    for (layer, pair), value, g_batched in zip(local.items(), per_layer, zip(batched_grads[::2], batched_grads[1::2])):
+        for g_b, g_alone in zip(g_batched, torch.autograd.grad(value / len(local), list(pair))):
+            assert rel_err(g_b, g_alone) <= 1e-13
