@@ -75,7 +75,9 @@ class BareLoop:
     def __init__(self, model_path: str, config, num_labels: int, rows: list[dict]) -> None:
         from peft import LoraConfig, TaskType, get_peft_model
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()                          # no load report of the new head on every run
         m, t = config.model, config.train
         seed = config.federation.seed
         self.rows, self.max_length, self.batch = rows, config.data.max_length, t.per_device_train_batch_size
