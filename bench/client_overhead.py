@@ -133,6 +133,7 @@ def run_method(method: str, model: str, steps: int, rounds: int, max_length: int
 
     config = _config(method, model, steps, max_length, max_train_samples)
     trainer = LocalTrainer(config, rows, num_labels, show_progress=False)
+    fresh = bare is None                                             # its first round starts where the client's does
     if bare is None:
         bare = BareLoop(resolve_model_path(model), config, num_labels, rows)
     start = trainer.built.get_adapter_state()
@@ -170,14 +171,14 @@ def run_method(method: str, model: str, steps: int, rounds: int, max_length: int
         "client_steps_per_s": 1.0 / client_step, "bare_steps_per_s": 1.0 / bare_step,
         "ratio": bare_step / client_step, "target": TARGETS.get(method),
         "client_rounds_s": client_s, "bare_rounds_s": bare_s,
-        "warmup_loss_client": warm_client.train_loss, "warmup_loss_bare": warm_bare,
     }
     figures["meets_target"] = figures["ratio"] >= TARGETS[method] if method in TARGETS else None
     if method == "subspace_reg":
         penalty = statistics.median(penalty_s)
         figures.update(regularizer_s=penalty, regularizer_share=penalty / client_step)
-    else:
-        figures["same_losses"] = math.isclose(warm_client.train_loss, warm_bare, rel_tol=1e-5, abs_tol=1e-6)
+    elif fresh:                 # the bare loop's first round: from the initial adapter, as the client's
+        figures.update(warmup_loss_client=warm_client.train_loss, warmup_loss_bare=warm_bare,
+                       same_losses=math.isclose(warm_client.train_loss, warm_bare, rel_tol=1e-5, abs_tol=1e-6))
     return figures, bare
 
 
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                    bare, rows, num_labels)
         summary[method] = figures
         extra = (f", regularizer {figures['regularizer_s'] * 1e3:.1f} ms = {figures['regularizer_share']:.1%} of a step"
-                 if "regularizer_share" in figures else f", warm-up losses equal: {figures['same_losses']}")
+                 if "regularizer_share" in figures else
+                 f", warm-up losses equal: {figures['same_losses']}" if "same_losses" in figures else "")
         print(f"{method:<13} client {figures['client_steps_per_s']:.3f} steps/s, bare PEFT "
               f"{figures['bare_steps_per_s']:.3f} steps/s: ratio {figures['ratio']:.3f} (target "
               f"{figures['target']}){extra}", flush=True)
