@@ -16,7 +16,8 @@ Sides, on the same rows in the same order, in one process, 1 torch thread (a cli
 A timed unit is one round of ``steps`` steps. After one warm-up round per side (excluded), the sides
 alternate client, bare, bare, client, ... so that load drifting over the run hits both alike.
 Steps per second = steps / median round time; ratio = client / bare (targets: >= 0.9 for fedavg,
->= 0.85 for subspace_reg). The regularizer's share of a subspace_reg step: its forward + backward on the
+>= 0.85 for subspace_reg); paired_ratio: the median over timed rounds of bare round time / the client
+round timed next to it. The regularizer's share of a subspace_reg step: its forward + backward on the
 client's live factors, timed alone after each timed round (median), over the median client step.
 
 Check that the sides do the same work: both warm-up rounds start from the same initial adapter and
@@ -170,6 +171,8 @@ def run_method(method: str, model: str, steps: int, rounds: int, max_length: int
     figures: dict[str, object] = {
         "client_steps_per_s": 1.0 / client_step, "bare_steps_per_s": 1.0 / bare_step,
         "ratio": bare_step / client_step, "target": TARGETS.get(method),
+        # Each client round against the bare round timed next to it: less moved by load that drifts over the run.
+        "paired_ratio": statistics.median(b / c for c, b in zip(client_s, bare_s, strict=True)),
         "client_rounds_s": client_s, "bare_rounds_s": bare_s,
     }
     figures["meets_target"] = figures["ratio"] >= TARGETS[method] if method in TARGETS else None
