@@ -74,6 +74,7 @@ bench: proto
 	$(PYTHON) -m bench.math
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak --rounds 300 --clients 4
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.distributed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.client_overhead
 
 certs:
 	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from client.distributed import SOLO, RankGroup
+from client.memory import fix_mmap_threshold, release_free_memory
 from common.codec import DTYPES
 from common.config import ModelConfig, RunConfig
 from common.methods import get_method
@@ -59,9 +60,11 @@ class LocalTrainer:
         self.method = get_method(config.federation.method)
         self.wire_dtype = DTYPES[config.federation.wire_dtype]
         self.rank = rank or config.model.lora_rank
+        fix_mmap_threshold()            # before the model loads: freed activations go back (client/memory.py)
         self.built = build_model(client_model_config(config, self.rank), num_labels=num_labels,
                                  seed=config.federation.seed, device=device, task=config.data.task)
         self.lora = self.built.lora_parameters()
+        release_free_memory()           # what loading the data and the model left free in the heap
         self.base_residual_round = 0
         """The last round whose base-weight residual (fedex_lora) is folded into this model's base weights."""
 
@@ -148,12 +151,14 @@ class LocalTrainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.4f}")
         progress.close()
+        del optimizer                   # its state (Adam moments) starts fresh every round: free it now
         losses = group.batch_losses(losses, shard_rows, batch_rows)     # the global batches' mean losses
         for A, B in self.lora.values():
             A.requires_grad_(True)
             B.requires_grad_(True)
         upload = self.method.upload(self.built.get_adapter_state(), round_index)
         upload = {name: tensor.to(self.wire_dtype) for name, tensor in upload.items()}   # the run's wire dtype
+        release_free_memory()       # an idle client holds only what it uses until it is sampled again
         return LocalResult(tensors=upload, num_examples=len(self.rows),
                            train_loss=sum(losses) / max(1, len(losses)), train_seconds=time.time() - started,
                            local_steps=len(losses))
