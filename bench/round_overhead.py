@@ -42,12 +42,13 @@ def federation_config(layout: str, rank: int, method: str, rounds: int) -> dict:
             "max_effective_lora_update_norm": 15, "round_timeout_s": 600, "heartbeat_timeout_s": 30}
 
 
-def run_federation(workdir: Path, config: dict, timeout_s: float) -> list[dict]:
+def run_federation(workdir: Path, config: dict, timeout_s: float, threads: int = 1) -> list[dict]:
     """A real coordinator and CLIENTS --bench-echo clients; the metrics lines of the finished run."""
     from tests.integration.harness import Federation
 
     with Federation(workdir, config) as federation:
-        federation.start(clients=0)
+        federation.start_coordinator("--threads", str(threads))
+        federation.wait_address()
         for i in range(CLIENTS):
             federation.start_client(i, "--bench-echo", "--log-level", "WARNING")
         code = federation.finish(timeout_s)
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--methods", default="fedavg,subspace_reg", help="comma-separated (default: fedavg,subspace_reg)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per method (default: 8; 4 quick)")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="the coordinator's torch threads (python -m server --threads; default: 1, see BENCHMARKS.md)")
     parser.add_argument("--echo-reps", type=int, default=3, help="raw echo repetitions before and after each run")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one federation may take (default: 900)")
     parser.add_argument("--out", default=None, help="also write the JSON here (default: runs/bench/round_overhead.json)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             before = echo_seconds(size, args.echo_reps)
             metrics = run_federation(Path(work) / method, federation_config(args.layout, args.rank, method, rounds),
-                                     args.timeout)
+                                     args.timeout, args.server_threads)
             after = echo_seconds(size, args.echo_reps)
             figures = round_figures(metrics)
             figures["echo_s"] = statistics.median(before + after)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(target <= {TARGET})", flush=True)
     worst = max(m["ratio"] for m in methods.values())
     finish({"bench": "round_overhead", "quick": args.quick, "layout": args.layout, "rank": args.rank,
-            "payload_bytes": size, "clients": CLIENTS, "methods": methods, "ratio_max": worst, "target": TARGET,
+            "payload_bytes": size, "clients": CLIENTS, "server_threads": args.server_threads, "methods": methods,
+            "ratio_max": worst, "target": TARGET,
             "met": worst <= TARGET, "machine": machine()}, args.out)
     return 0
 

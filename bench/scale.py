@@ -1,6 +1,6 @@
 """Scale (P5): one coordinator holding 100, 300 and 1,000 joined clients, 10% sampled per round.
 
-    python -m bench.scale                 # K = 100, 300, 1000; MiniLM r = 8 payload; 4 rounds each
+    python -m bench.scale                 # K = 100, 300, 1000; MiniLM r = 8 payload; 3 rounds each (~10 min)
     python -m bench.scale --quick         # K = 30, 100; 3 rounds each
     python -m bench.scale --clients 20 --rounds 2 --idle 3 --layout encoder:2x64x256   # tiny (tests)
 
@@ -119,7 +119,8 @@ def _proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
-def run_scale(k: int, layout: str, rank: int, rounds: int, idle_s: float, workdir: Path, timeout_s: float) -> dict:
+def run_scale(k: int, layout: str, rank: int, rounds: int, idle_s: float, workdir: Path, timeout_s: float,
+              threads: int = 1) -> dict:
     from tests.integration.harness import Federation
 
     config = {"model_name": "synthetic", "synthetic_layout": layout, "lora_rank": rank, "lora_alpha": 2 * rank,
@@ -127,7 +128,8 @@ def run_scale(k: int, layout: str, rank: int, rounds: int, idle_s: float, workdi
               "round_timeout_s": 600, "heartbeat_timeout_s": 30}
     go = workdir / "go"
     with Federation(workdir, config) as federation:
-        coordinator = federation.start_coordinator("--log-level", "WARNING", "--wait-for-clients", str(timeout_s))
+        coordinator = federation.start_coordinator("--log-level", "WARNING", "--wait-for-clients", str(timeout_s),
+                                                   "--threads", str(threads))
         address = federation.wait_address()
         config_json = json.dumps({**config, "model_name": "synthetic"})
         processes = math.ceil(k / CLIENTS_PER_PROCESS)
@@ -189,12 +191,14 @@ def run_scale(k: int, layout: str, rank: int, rounds: int, idle_s: float, workdi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="K = 30, 100 and 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="K = 30, 100 instead of 100, 300, 1000")
     parser.add_argument("--clients", default=None, help="comma-separated K values (default: 100,300,1000)")
     parser.add_argument("--layout", default="minilm", help="synthetic adapter layout (default: minilm)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per K (default: 4; 3 quick)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per K (default: 3)")
     parser.add_argument("--idle", type=float, default=None, help="idle window in seconds (default: 20; 10 quick)")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="the coordinator's torch threads (python -m server --threads; default: 1, see BENCHMARKS.md)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one K may take (default: 600)")
     parser.add_argument("--out", default=None, help="also write the JSON here (default: runs/bench/scale.json)")
     parser.add_argument("--light", nargs=3, metavar=("ADDRESS", "FIRST", "COUNT"), help=argparse.SUPPRESS)
@@ -205,13 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         address, first, count = args.light
         return _run_light(address, int(first), int(count), args.hold_last, args.config_json)
     ks = [int(k) for k in (args.clients or ("30,100" if args.quick else "100,300,1000")).split(",")]
-    rounds = args.rounds or (3 if args.quick else 4)
+    rounds = args.rounds or 3
     idle_s = args.idle or (10.0 if args.quick else 20.0)
     print(f"machine: {machine()}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
         for k in ks:
-            figures = run_scale(k, args.layout, args.rank, rounds, idle_s, Path(work) / f"k{k}", args.timeout)
+            figures = run_scale(k, args.layout, args.rank, rounds, idle_s, Path(work) / f"k{k}", args.timeout,
+                                args.server_threads)
             results.append(figures)
             print(f"K={k:5d} (m={figures['sampled']}): join {figures['join_s']:.1f} s, idle CPU "
                   f"{figures['idle_cpu_percent']:.1f}% of a core ({figures['threads_idle']} threads), round "
