@@ -124,7 +124,7 @@ def _serve(pipe, setup: Callable[[grpc.Server], None] | None) -> None:
     server.start()
     pipe.send(port)
     pipe.recv()                       # anything (or the parent's end closing) stops the server
-    server.stop(0)
+    server.stop(0).wait()             # before the interpreter exits under gRPC's threads
 
 
 class EchoServerProcess:

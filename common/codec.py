@@ -69,11 +69,9 @@ def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], 
 
 
 def decode_tensors(specs: list[TensorSpec], buffer: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """Inverse of encode_tensors; validates every spec against the buffer first.
-
-    A ``bytearray`` is taken over, not copied: the tensors are views of its memory (where a tensor's offset is
-    a multiple of its element size, as when every tensor has the same dtype), so the caller hands it over and
-    never changes it afterwards (proto/serde.py's PayloadAssembler returns one). ``bytes`` are copied once."""
+    """Inverse of encode_tensors; validates every spec against the buffer first. Every tensor is a copy that
+    owns its memory (torch.save and safetensors refuse tensors that share one buffer); a ``bytearray`` (what
+    proto/serde.py's PayloadAssembler returns) is read in place, ``bytes`` are copied into one first."""
     validate_specs(specs, len(buffer))
     if not len(buffer):
         backing = torch.empty(0, dtype=torch.uint8)
@@ -82,11 +80,10 @@ def decode_tensors(specs: list[TensorSpec], buffer: bytes | bytearray) -> dict[s
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
         dtype = DTYPES[spec.dtype]
-        raw = backing[spec.offset: spec.offset + spec.nbytes]
+        # A copy starts at an aligned address whatever the offset, and owns its memory.
+        raw = backing[spec.offset: spec.offset + spec.nbytes].clone()
         if _BIG_ENDIAN and raw.numel() and dtype.itemsize > 1:
             raw = raw.view(-1, dtype.itemsize).flip(1).contiguous().view(-1)
-        elif spec.offset % dtype.itemsize:
-            raw = raw.clone()            # a copy starts at an aligned address, which a dtype view needs
         tensors[spec.name] = raw.view(dtype).reshape(spec.shape)
     return tensors
 
