@@ -16,7 +16,8 @@ One gRPC server in a child process on 127.0.0.1 (port 0; the coordinator's gRPC 
 - *raw*: bench/echo.py: the same number of bytes up a client stream in 1 MiB chunks and back down a server
   stream; no encoding, digest, decoding or checks.
 
-The two alternate, one round trip each, after one untimed round trip of each. Figures: the median round
+Both processes run torch on one thread (``--threads``), as a client does (torch_threads: 1) and as
+bench.round_overhead runs the coordinator. The two alternate, one round trip each, after one untimed round trip of each. Figures: the median round
 trip, its throughput (2 x payload bytes / seconds, in MB/s = 1e6 bytes/s) and each direction's; the ratio is
 project / raw throughput. Target: >= 0.5. The last line printed is one JSON object (also written to
 runs/bench/transport.json).
@@ -91,10 +92,12 @@ class PayloadProbe:
         return None
 
 
-def add_project_servicer(server: grpc.Server, layout: str, rank: int) -> None:
+def add_project_servicer(server: grpc.Server, layout: str, rank: int, threads: int = 1) -> None:
     """(In the server process.) The real servicer in front of a PayloadProbe."""
     from proto import federation_pb2_grpc as pb_grpc
     from server.servicer import CoordinatorServicer
+
+    torch.set_num_threads(threads)
 
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(PayloadProbe(layout, rank), ["bench"]), server)
 
@@ -108,15 +111,18 @@ def _project_round_trip(connection, expected: ExpectedTensors) -> tuple[float, f
     return fetched - started, time.perf_counter() - fetched
 
 
-def measure(layout: str, rank: int, reps: int) -> dict:
-    """Both sides for one payload (the synthetic adapter of ``layout`` at ``rank``), alternating."""
+def measure(layout: str, rank: int, reps: int, threads: int = 1) -> dict:
+    """Both sides for one payload (the synthetic adapter of ``layout`` at ``rank``), alternating; ``threads``:
+    torch threads on both ends."""
     from client.connection import CoordinatorConnection
+
+    torch.set_num_threads(threads)
 
     size = payload_bytes(layout, rank)
     expected = ExpectedTensors.like(synthetic_adapter(layout, rank, seed=0))
     raw_payload = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
                                 ).numpy().tobytes()
-    with EchoServerProcess(functools.partial(add_project_servicer, layout=layout, rank=rank)) as server:
+    with EchoServerProcess(functools.partial(add_project_servicer, layout=layout, rank=rank, threads=threads)) as server:
         connection = CoordinatorConnection(server.address, patience_s=30)
         raw = RawEchoClient(server.address)
         try:
@@ -150,13 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiples", default="1,10",
                         help="payload sizes as multiples of the layout's rank-r payload (default: 1,10)")
     parser.add_argument("--reps", type=int, default=None, help="timed round trips per payload (default: 10; 3 quick)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in both processes (default: 1, a client's torch_threads; more threads "
+                             "spin-wait on a busy machine, see BENCHMARKS.md)")
     parser.add_argument("--out", default=None, help="also write the JSON here (default: runs/bench/transport.json)")
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 10)
     print(f"machine: {machine()}", flush=True)
     sizes = []
     for multiple in (int(m) for m in args.multiples.split(",")):
-        figures = measure(args.layout, args.rank * multiple, reps)   # bytes grow with the rank: x multiple
+        figures = measure(args.layout, args.rank * multiple, reps, args.threads)   # bytes grow with the rank
         sizes.append(figures)
         print(f"{figures['payload_bytes']:>12,d} bytes: project {figures['project']['round_trip_mb_s']:8.1f} MB/s "
               f"(down {figures['project']['download_mb_s']:.1f}, up {figures['project']['upload_mb_s']:.1f}); "
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
               f"down {figures['raw']['download_mb_s']:.1f}); ratio {figures['ratio']:.2f} (target >= {TARGET})",
               flush=True)
     worst = min(s["ratio"] for s in sizes)
-    finish({"bench": "transport", "quick": args.quick, "sizes": sizes, "ratio_min": worst, "target": TARGET,
+    finish({"bench": "transport", "quick": args.quick, "threads": args.threads, "sizes": sizes, "ratio_min": worst, "target": TARGET,
             "met": worst >= TARGET, "machine": machine()}, args.out)
     return 0
 
