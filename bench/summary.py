@@ -56,9 +56,11 @@ def _transport(r: dict) -> list[Row]:
 
 
 def _round_overhead(r: dict) -> list[Row]:
+    def less(m: dict) -> str:
+        return f" ({m['ratio_less_aggregation']:.1f}x less the aggregation)" if "ratio_less_aggregation" in m else ""
+
     return [(f"round overhead (P4) {method}", f"{m['round_wall_s']:.2f} s vs echo {m['echo_s']:.2f} s: "
-             f"{m['ratio']:.1f}x ({m.get('ratio_less_aggregation', float('nan')):.1f}x less the aggregation)",
-             f"<= {r['target']}x echo", _met(m["ratio"] <= r["target"]))
+             f"{m['ratio']:.1f}x{less(m)}", f"<= {r['target']}x echo", _met(m["ratio"] <= r["target"]))
             for method, m in r["methods"].items()]
 
 
