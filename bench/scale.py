@@ -184,6 +184,7 @@ def run_scale(k: int, layout: str, rank: int, rounds: int, idle_s: float, workdi
         "idle_cpu_percent": 100 * idle_cpu, "idle_window_s": idle_s, "threads_idle": threads_idle,
         "round_wall_s": statistics.median(walls) if walls else None, "round_walls_s": [round(w, 3) for w in walls],
         "round_seconds_median": statistics.median(m["round_seconds"] for m in metrics),
+        "aggregation_s_median": statistics.median(m["aggregation_seconds"] for m in metrics),
         "rss_idle_mb": rss_idle_kb / 1024, "rss_peak_mb": peak_kb / 1024,
         "sampled_payload_mb": sampled * size / 2**20, "k_payload_mb": k * size / 2**20,
     }
