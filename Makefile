@@ -32,8 +32,10 @@ help:
 	@echo "              swap them (RUNS=archive ARCHIVE=runs/cpu_grid) to continue a grid from an archive"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
-	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, a 300-round soak (bench.soak), then"
-	@echo "              a 2-rank client's training throughput against one process (bench.distributed)"
+	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, a 300-round soak (bench.soak),"
+	@echo "              a 2-rank client's training throughput (bench.distributed), transport vs raw gRPC"
+	@echo "              (bench.transport), round overhead (bench.round_overhead), 1,000 clients (bench.scale),"
+	@echo "              then one summary table (bench.summary); QUICK=1 for every benchmark's --quick"
 	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
@@ -70,11 +72,19 @@ smoke: proto
 test: proto
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Each benchmark leaves its last JSON line in runs/bench/ (the first three through tee); bench.summary
+# prints one table of them at the end. QUICK=1: every benchmark's --quick.
 bench: proto
-	$(PYTHON) -m bench.math
-	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak --rounds 300 --clients 4
-	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.distributed
-	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.client_overhead
+	mkdir -p runs/bench
+	$(PYTHON) -m bench.math $(if $(QUICK),--quick) | tee runs/bench/math.log
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak $(if $(QUICK),--quick,--rounds 300 --clients 4) | tee runs/bench/soak.log
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.distributed $(if $(QUICK),--quick) | tee runs/bench/distributed.log
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.transport $(if $(QUICK),--quick)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.round_overhead $(if $(QUICK),--quick)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.scale $(if $(QUICK),--quick)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.client_overhead $(if $(QUICK),--quick) | tee runs/bench/client_overhead.log
+	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.client_memory $(if $(QUICK),--quick) | tee runs/bench/client_memory.log
+	$(PYTHON) -m bench.summary
 
 certs:
 	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)

@@ -56,9 +56,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dist-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                         help="under torchrun (one client as several processes): how long a rank waits in a "
                              "collective for the others before the whole client stops (default: 300)")
+    parser.add_argument("--bench-echo", action="store_true",
+                        help="benchmark only: load no model and no data, and answer each task with the received "
+                             "factors slightly perturbed (client/bench_echo.py); needs a run whose config sets "
+                             "synthetic_layout (bench/round_overhead.py, bench/scale.py)")
     parser.add_argument("--log-level", type=log_level, default="INFO",
                         help="debug, info, warning or error (default: info); debug also shows a failure's traceback")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.bench_echo and args.data:
+        parser.error("--bench-echo loads no data: drop --data")
+    return args
 
 
 def _positive_seconds(text: str) -> float:
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ClientOptions(coordinator=args.coordinator, name=name, device=args.device, data=args.data,
                             partition=args.partition, patience_s=args.patience, save_received=args.save_received,
                             threads=args.threads, rank=args.rank, security=security,
-                            dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S)
+                            dist_timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, bench_echo=args.bench_echo)
     logger = logging.getLogger("client")
     try:
         return run_client(options)

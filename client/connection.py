@@ -25,8 +25,7 @@ from common.validation import ExpectedTensors, PayloadRejected
 from proto import AUTHORIZATION_KEY, KEEPALIVE_OPTIONS, PROTOCOL_VERSION, bearer
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
-from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
-                         trailer_to_proto)
+from proto.serde import PayloadAssembler, check_layout, parse_specs, payload_messages, specs_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -325,9 +324,7 @@ class CoordinatorConnection:
                 protocol_version=PROTOCOL_VERSION, client_id=client_id, round=round_index,
                 num_examples=num_examples, train_loss=train_loss, train_seconds=train_seconds,
                 local_steps=local_steps, payload=specs_to_proto(specs, len(buffer))))
-            for chunk in chunks_to_proto(buffer):
-                yield pb.UpdateMessage(chunk=chunk)
-            yield pb.UpdateMessage(trailer=trailer_to_proto(buffer))
+            yield from payload_messages(buffer, pb.UpdateMessage)
 
         return self._with_retry("upload", lambda: self.stub.SubmitUpdate(messages(), timeout=600,
                                                                           metadata=self.metadata))

@@ -11,8 +11,9 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from client.connection import (ClientSecurity, CoordinatorConnection, CorruptTask, JoinInfo, ReceivedTask,
-                               RunChanged, RunFinished, WaitHint)
+from client.bench_echo import EchoTrainer
+from client.connection import (ClientSecurity, ClientSetupError, CoordinatorConnection, CorruptTask, JoinInfo,
+                               ReceivedTask, RunChanged, RunFinished, WaitHint)
 from client.distributed import (DEFAULT_TIMEOUT_S, SOLO, DataParallelGroup, RankGroup, TorchrunEnv,
                                 die_with_the_agent, rank_device, start_process_group, stop_process_group)
 from client.exit_codes import exit_code
@@ -45,8 +46,13 @@ class ClientOptions:
     security: ClientSecurity = dataclasses.field(default_factory=ClientSecurity)
     dist_timeout_s: float = DEFAULT_TIMEOUT_S
     """Under torchrun: how long a rank waits in a collective for the others before the job fails."""
+    bench_echo: bool = False
+    """Benchmark only (--bench-echo): load no model and no data; upload each task's factors slightly perturbed
+    (client/bench_echo.py). Needs a run whose config sets synthetic_layout."""
 
     def __post_init__(self) -> None:
+        if self.bench_echo and self.data is not None:
+            raise ValueError("--bench-echo loads no data: drop --data (or --bench-echo)")
         if not self.dist_timeout_s > 0:
             raise ValueError(f"--dist-timeout {self.dist_timeout_s}: must be a positive number of seconds "
                              f"(default {DEFAULT_TIMEOUT_S:.0f})")
@@ -105,6 +111,8 @@ def run_client(options: ClientOptions) -> int:
     torchrun = TorchrunEnv.from_environ(os.environ)
     if torchrun is None:
         return _lead(options, ALONE, SOLO, options.device)
+    if options.bench_echo:
+        raise ClientSetupError("--bench-echo trains nothing: run it as one process, not under torchrun")
     device = rank_device(options.device, torchrun)
     die_with_the_agent()
     start_process_group(torchrun, device, options.dist_timeout_s)
@@ -139,12 +147,7 @@ def _lead(options: ClientOptions, followers: Alone | Handoff, group: RankGroup, 
         log.info("%s joined run %s as partition %d of %d (method %s, LoRA rank %d)", options.name, info.run_id,
                  info.partition_index, info.num_partitions, config.federation.method, rank)
         connection.start_keepalive(lambda: session.client_id, info.heartbeat_interval_s)
-        rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
-        if options.data:
-            # Own data: its size is known only now (loading it needs the run's config); declare it, and every
-            # upload of this session is bound to it.
-            followers.wait_on(lambda: session.rejoin(num_examples=len(rows)))
-        trainer = LocalTrainer(config, rows, num_labels, device=device, rank=rank, group=group)
+        trainer = _trainer(config, options, session, followers, group, device, rank)
         expected = trainer.expected_task()
         corrupt_fetches = 0
         while True:
@@ -175,6 +178,23 @@ def _lead(options: ClientOptions, followers: Alone | Handoff, group: RankGroup, 
         connection.close()
 
 
+def _trainer(config: RunConfig, options: ClientOptions, session: ClientSession, followers: Alone | Handoff,
+             group: RankGroup, device: str, rank: int) -> LocalTrainer | EchoTrainer:
+    """The model and data shard this client trains on; with --bench-echo, neither (client/bench_echo.py)."""
+    info = session.info
+    if options.bench_echo:
+        return EchoTrainer(config, rank, info.partition_index, info.num_partitions)
+    if config.model.synthetic_layout is not None:
+        raise ClientSetupError(f"this run is benchmark-only (synthetic_layout={config.model.synthetic_layout}): "
+                               f"there is no model to train; start this client with --bench-echo")
+    rows, num_labels = _load_rows(config, options, info.partition_index, info.partition_fingerprint)
+    if options.data:
+        # Own data: its size is known only now (loading it needs the run's config); declare it, and every
+        # upload of this session is bound to it.
+        followers.wait_on(lambda: session.rejoin(num_examples=len(rows)))
+    return LocalTrainer(config, rows, num_labels, device=device, rank=rank, group=group)
+
+
 def _follow(options: ClientOptions, handoff: Handoff, group: RankGroup, device: str) -> int:
     """Ranks 1..N-1 of a distributed client: the same model and data as rank 0, trained on the tasks it
     hands over, until it says the run is over (0) or that it stopped (its exit code)."""
@@ -203,7 +223,7 @@ def _stopped(order: Order) -> int:
     return order.exit_code
 
 
-def _do_round(connection: CoordinatorConnection, session: ClientSession, trainer: LocalTrainer,
+def _do_round(connection: CoordinatorConnection, session: ClientSession, trainer: LocalTrainer | EchoTrainer,
               task: ReceivedTask, options: ClientOptions, followers: Alone | Handoff) -> None:
     log.info("round %d: received %d tensors (%.2f MB), training", task.round, len(task.tensors),
              task.payload_bytes / 1e6)

@@ -11,6 +11,7 @@ import hashlib
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
@@ -44,32 +45,38 @@ class TensorSpec:
         return count
 
 
-def _to_little_endian_bytes(tensor: torch.Tensor) -> bytes:
+def _little_endian_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a contiguous uint8 array, little-endian; no copy where none is needed."""
     raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # 0-d tensors cannot be viewed
     if _BIG_ENDIAN and tensor.element_size() > 1:
-        raw = raw.reshape(-1, tensor.element_size())[:, ::-1]
-    return raw.tobytes()
+        raw = np.ascontiguousarray(raw.reshape(-1, tensor.element_size())[:, ::-1]).reshape(-1)
+    return raw
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], bytes]:
     """Lay the tensors end to end in one buffer, in the dict's order."""
     specs: list[TensorSpec] = []
-    parts: list[bytes] = []
+    parts: list[np.ndarray] = []
     offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise CodecError(f"tensor {name!r} has dtype {tensor.dtype}; supported: {', '.join(DTYPES)}")
-        data = _to_little_endian_bytes(tensor)
-        specs.append(TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), offset, len(data)))
+        data = _little_endian_view(tensor)
+        specs.append(TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), offset, data.nbytes))
         parts.append(data)
-        offset += len(data)
-    return specs, b"".join(parts)
+        offset += data.nbytes
+    return specs, b"".join(parts)          # the one copy: join reads each tensor's memory in place
 
 
 def decode_tensors(specs: list[TensorSpec], buffer: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """Inverse of encode_tensors; validates every spec against the buffer first."""
+    """Inverse of encode_tensors; validates every spec against the buffer first. Every tensor is a copy that
+    owns its memory (torch.save and safetensors refuse tensors that share one buffer); a ``bytearray`` (what
+    proto/serde.py's PayloadAssembler returns) is read in place, ``bytes`` are copied into one first."""
     validate_specs(specs, len(buffer))
-    backing = torch.frombuffer(bytearray(buffer), dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+    if not len(buffer):
+        backing = torch.empty(0, dtype=torch.uint8)
+    else:
+        backing = torch.frombuffer(buffer if isinstance(buffer, bytearray) else bytearray(buffer), dtype=torch.uint8)
     tensors: dict[str, torch.Tensor] = {}
     for spec in specs:
         dtype = DTYPES[spec.dtype]

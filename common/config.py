@@ -77,6 +77,11 @@ class ModelConfig:
     up_proj, down_proj; gpt2: c_attn, c_proj, c_fc; ..."""
     train_head: bool = True
     """Train the classification head (PEFT modules_to_save) next to the adapters."""
+    synthetic_layout: str | None = None
+    """Benchmark only (bench/round_overhead.py, bench/scale.py): ``roberta-large``, ``minilm`` or
+    ``encoder:LxHxI``, the LoRA layout of a model built without loading it (common/synthetic.py). The
+    coordinator then loads no model and no data and skips evaluation (accuracy null), and clients must run
+    ``python -m client --bench-echo``. null: a real run."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model_name), "model_name is empty: give a hub id, a local directory, or 'minilm'")
@@ -92,6 +97,13 @@ class ModelConfig:
         _require(AUTO_TARGET_MODULES not in self.target_modules or len(self.target_modules) == 1,
                  f"target_modules={self.target_modules!r}: 'auto' cannot be combined with module names; "
                  "give either auto or a list such as [q_proj, v_proj]")
+        if self.synthetic_layout is not None:
+            from common.synthetic import parse_layout   # imports torch: only for a benchmark run
+
+            try:
+                parse_layout(self.synthetic_layout)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
     @property
     def scaling(self) -> float:

@@ -7,11 +7,15 @@ exactly one way.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common.codec import CodecError, TensorSpec, sha256, validate_specs
 from proto import federation_pb2 as pb
+
+M = TypeVar("M", pb.TaskMessage, pb.UpdateMessage)
 
 CHUNK_BYTES = 1 << 20
 """Largest data field of one PayloadChunk: 1 MiB, far below gRPC's 4 MiB message limit."""
@@ -57,6 +61,19 @@ def check_layout(specs: list[TensorSpec], total_bytes: int, max_bytes: int) -> N
         raise CodecError(f"tensors cover {end} bytes but the payload declares {total_bytes}")
 
 
+def payload_messages(buffer: bytes | bytearray, message_type: type[M]) -> Iterator[M]:
+    """A payload as ``message_type`` messages (TaskMessage, UpdateMessage): its 1 MiB chunks, then the trailer
+    with the SHA-256 of the whole buffer, hashed chunk by chunk as they go out, so hashing overlaps sending.
+    Each chunk is built inside its message (a PayloadChunk built apart would be copied in again)."""
+    digest = hashlib.sha256()
+    view = memoryview(buffer)
+    for offset in range(0, len(buffer), CHUNK_BYTES):
+        data = view[offset: offset + CHUNK_BYTES]
+        digest.update(data)
+        yield message_type(chunk={"offset": offset, "data": bytes(data)})
+    yield message_type(trailer={"sha256": digest.digest()})
+
+
 def chunks_to_proto(buffer: bytes) -> Iterator[pb.PayloadChunk]:
     view = memoryview(buffer)
     for offset in range(0, len(buffer), CHUNK_BYTES):
@@ -69,29 +86,38 @@ def trailer_to_proto(buffer: bytes) -> pb.PayloadTrailer:
 
 @dataclass
 class PayloadAssembler:
-    """Reassembles a buffer from chunks, in order, and checks its length and digest."""
+    """Reassembles a buffer from chunks, in order, and checks its length and digest.
+
+    ``total_bytes`` must have passed ``check_layout`` (a size the receiver accepts): the buffer is allocated
+    at that size up front, each chunk is copied in once and hashed as it arrives, and ``finish`` hands the
+    buffer itself over (common/codec.py's decode_tensors then decodes it without another copy)."""
 
     total_bytes: int
 
     def __post_init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = bytearray(self.total_bytes)
+        self._received = 0
+        self._digest = hashlib.sha256()
 
     def add(self, chunk: pb.PayloadChunk) -> None:
-        if chunk.offset != len(self._buffer):
-            raise CodecError(f"chunk at offset {chunk.offset} arrived, expected offset {len(self._buffer)}")
-        if len(chunk.data) > CHUNK_BYTES:
-            raise CodecError(f"chunk of {len(chunk.data)} bytes exceeds the {CHUNK_BYTES}-byte chunk size")
-        if len(self._buffer) + len(chunk.data) > self.total_bytes:
+        size = len(chunk.data)
+        if chunk.offset != self._received:
+            raise CodecError(f"chunk at offset {chunk.offset} arrived, expected offset {self._received}")
+        if size > CHUNK_BYTES:
+            raise CodecError(f"chunk of {size} bytes exceeds the {CHUNK_BYTES}-byte chunk size")
+        if self._received + size > self.total_bytes:
             raise CodecError(f"chunks exceed the declared payload size of {self.total_bytes} bytes")
-        self._buffer += chunk.data
+        self._buffer[self._received: self._received + size] = chunk.data
+        self._digest.update(chunk.data)
+        self._received += size
 
-    def finish(self, trailer: pb.PayloadTrailer) -> bytes:
-        if len(self._buffer) != self.total_bytes:
-            raise CodecError(f"payload truncated: received {len(self._buffer)} of {self.total_bytes} bytes")
-        if trailer.sha256 != sha256(self._buffer):
+    def finish(self, trailer: pb.PayloadTrailer) -> bytearray:
+        if self._received != self.total_bytes:
+            raise CodecError(f"payload truncated: received {self._received} of {self.total_bytes} bytes")
+        if trailer.sha256 != self._digest.digest():
             raise CodecError("payload digest mismatch: the SHA-256 of the received bytes differs from the trailer's")
-        return bytes(self._buffer)
+        return self._buffer
 
     @property
     def received(self) -> int:
-        return len(self._buffer)
+        return self._received

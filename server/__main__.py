@@ -56,6 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N: where the coordinator evaluates the global adapter (default: "
                              "cuda:0 when this host has a GPU, else cpu); keep it off the GPUs your clients train on")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (aggregation, metrics, evaluation); on a machine whose cores "
+                             "other processes keep busy, 1 avoids threads waiting on each other (default: torch's, "
+                             "one per core)")
     parser.add_argument("--log-level", type=log_level, default="INFO",
                         help="debug, info, warning or error (default: info); debug also shows a failure's traceback")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_rounds=5")
@@ -84,7 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = args.run_dir or config.federation.output_dir or \
         str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
+    if args.threads is not None and args.threads < 1:
+        print(f"error: --threads {args.threads}: give a positive number of threads", file=sys.stderr)
+        return 2
     from server.app import serve   # heavy imports after argument checks, so --help stays fast
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from server.security import SecurityConfig
 
     try:

@@ -16,11 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.config import ConfigError, RunConfig
 from common.federated_data import fingerprint, partition_dataset
 from common.partition import partition_stats
+from common.synthetic import synthetic_partition_sizes
 from common.tasks import load_task_data
 from proto import KEEPALIVE_OPTIONS
 from proto import federation_pb2_grpc as pb_grpc
 from server.coordinator import Coordinator
-from server.global_model import ServerModel
+from server.global_model import ServerModel, SyntheticModel
 from server.outputs import RunDirectory
 from server.security import SecurityConfig, TokenInterceptor, bind
 from server.servicer import CoordinatorServicer
@@ -69,23 +70,36 @@ def build_coordinator(config: RunConfig, run_dir: str | Path, address: str = "[:
     _check_run_dir(config, directory, resume)
     directory.write_config(config.to_flat())
 
-    data = load_task_data(config.data, seed=config.federation.seed)
-    partition = partition_dataset(config, data.partition_values)
-    directory.write_json("partition_stats.json", partition_stats(partition, data.partition_values))
-    log.info("data: %d train / %d eval rows, %d classes, %d clients (%s)", len(data.train), len(data.eval),
-             len(data.label_names), len(partition.indices), partition.scheme)
-
-    model = ServerModel(config, data.eval, num_labels=len(data.label_names), device=device)
-    coordinator = Coordinator(config, directory, model, model.initial_state(),
-                              partition_sizes=[len(ix) for ix in partition.indices], poll_timeout_s=poll_timeout_s,
-                              run_id=directory.run_id(resume), label_names=data.label_names)
+    if config.model.synthetic_layout is not None:       # benchmark only: no data, no model, no evaluation
+        model, sizes, fingerprints = _synthetic_run(config)
+        label_names: list[str] = []
+    else:
+        data = load_task_data(config.data, seed=config.federation.seed)
+        partition = partition_dataset(config, data.partition_values)
+        directory.write_json("partition_stats.json", partition_stats(partition, data.partition_values))
+        log.info("data: %d train / %d eval rows, %d classes, %d clients (%s)", len(data.train), len(data.eval),
+                 len(data.label_names), len(partition.indices), partition.scheme)
+        model = ServerModel(config, data.eval, num_labels=len(data.label_names), device=device)
+        sizes = [len(ix) for ix in partition.indices]
+        fingerprints = [fingerprint(ix) for ix in partition.indices]
+        label_names = data.label_names
+    coordinator = Coordinator(config, directory, model, model.initial_state(), partition_sizes=sizes,
+                              poll_timeout_s=poll_timeout_s, run_id=directory.run_id(resume),
+                              label_names=label_names)
     if resume:
         committed = coordinator.restore()
         directory.append_event({"event": "resumed", "after_round": committed})
 
-    server, health_servicer, port = start_grpc_server(
-        coordinator, [fingerprint(ix) for ix in partition.indices], address, security or SecurityConfig())
+    server, health_servicer, port = start_grpc_server(coordinator, fingerprints, address,
+                                                      security or SecurityConfig())
     return CoordinatorApp(coordinator, server, health_servicer, port, directory)
+
+
+def _synthetic_run(config: RunConfig) -> tuple[SyntheticModel, list[int], list[str]]:
+    """A benchmark run's model, partition sizes and fingerprints: common/synthetic.py's, nothing loaded."""
+    sizes = synthetic_partition_sizes(config.data.num_clients)
+    fingerprints = [fingerprint(list(range(i * size, (i + 1) * size))) for i, size in enumerate(sizes)]
+    return SyntheticModel(config), sizes, fingerprints
 
 
 def start_grpc_server(coordinator: Coordinator, fingerprints: list[str], address: str,

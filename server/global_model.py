@@ -39,3 +39,33 @@ class ServerModel:
         """A base-weight residual (fedex_lora), folded in exactly as every client folds it in: per layer, factors
         (B (d, m), A (m, k)) or a dense (d, k) tensor (``fedex_lora.base_residual_through``, to rebuild a round's model)."""
         self.built.add_to_base_weights(increment)
+
+
+class SyntheticModel:
+    """Benchmark only (``synthetic_layout``): the adapter of common/synthetic.py, no model behind it. Evaluation
+    is skipped (an empty result: accuracy and loss are null in metrics.jsonl); saving writes the adapter's
+    tensors as safetensors, so a round still costs its disk writes."""
+
+    def __init__(self, config: RunConfig) -> None:
+        from common.synthetic import synthetic_adapter
+
+        layout = config.model.synthetic_layout
+        assert layout is not None, "SyntheticModel is for runs with synthetic_layout"
+        log.info("benchmark run: synthetic adapter layout %s at rank %d; no model, no evaluation", layout,
+                 config.model.lora_rank)
+        self._initial = synthetic_adapter(layout, config.model.lora_rank, config.federation.seed)
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return dict(self._initial)
+
+    def evaluate(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {}
+
+    def save(self, tensors: dict[str, torch.Tensor], directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "adapter_model.safetensors"))
+
+    def add_to_base(self, increment: dict) -> None:
+        """No base weights to fold a residual into (fedex_lora): nothing is evaluated."""

@@ -11,8 +11,7 @@ from common.codec import CodecError, decode_tensors
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
-from proto.serde import (PayloadAssembler, check_layout, chunks_to_proto, parse_specs, specs_to_proto,
-                         trailer_to_proto)
+from proto.serde import PayloadAssembler, check_layout, parse_specs, payload_messages, specs_to_proto
 from server.coordinator import Coordinator, RunFinished, Task
 from server.rounds import UploadStats
 from server.errors import BadRequest, CoordinatorError, CorruptPayload, VersionMismatch
@@ -65,9 +64,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield pb.TaskMessage(header=pb.TaskHeader(
                 protocol_version=PROTOCOL_VERSION, round=task.round, method=task.method, round_seed=task.round_seed,
                 payload=specs_to_proto(task.specs, len(task.buffer)), base_residual_round=task.base_residual_round))
-            for chunk in chunks_to_proto(task.buffer):
-                yield pb.TaskMessage(chunk=chunk)
-            yield pb.TaskMessage(trailer=trailer_to_proto(task.buffer))
+            yield from payload_messages(task.buffer, pb.TaskMessage)
         else:
             yield pb.TaskMessage(wait=pb.Wait(reason=task.reason))
 
@@ -133,7 +130,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return first.header
 
     @staticmethod
-    def _receive_payload(header: pb.UpdateHeader, messages: Iterator[pb.UpdateMessage]) -> bytes:
+    def _receive_payload(header: pb.UpdateHeader, messages: Iterator[pb.UpdateMessage]) -> bytearray:
         """Chunks, in order, then the trailer with the digest."""
         assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
         for message in messages:

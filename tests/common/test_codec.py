@@ -59,3 +59,21 @@ def test_duplicate_names_are_rejected():
 
 def test_digest_is_sha256():
     assert sha256(b"abc").hex().startswith("ba7816bf")
+
+
+def test_decoded_tensors_own_their_memory_whatever_the_buffer_type(tmp_path):
+    """Tensors that shared one buffer could not be saved (torch.save, safetensors) nor outlive a reused buffer."""
+    import torch
+    from safetensors.torch import save_file
+
+    from common.codec import decode_tensors, encode_tensors
+
+    specs, buffer = encode_tensors({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+                                    "b": torch.ones(4, dtype=torch.bfloat16)})
+    for given in (buffer, bytearray(buffer)):
+        tensors = decode_tensors(specs, given)
+        torch.save(tensors, tmp_path / "t.pt")
+        save_file(tensors, str(tmp_path / "t.safetensors"))
+        if isinstance(given, bytearray):
+            given[:] = bytes(len(given))                  # the receiver's buffer may be reused
+        assert torch.equal(tensors["a"], torch.arange(6, dtype=torch.float32).reshape(2, 3))

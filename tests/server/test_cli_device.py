@@ -33,3 +33,10 @@ def test_the_device_reaches_the_evaluation_model(monkeypatch, tmp_path):
     monkeypatch.setattr(app, "serve", lambda *args, **kwargs: seen.update(kwargs) or {"status": "completed"})
     assert main(["--run-dir", str(tmp_path / "run"), "--device", "cpu"]) == 0
     assert seen["device"] == "cpu"
+
+
+def test_threads_must_be_positive_and_default_to_torchs(tmp_path, capsys):
+    assert parse_args([]).threads is None
+    assert main(["--run-dir", str(tmp_path / "run"), "--threads", "0"]) == 2
+    assert "--threads 0: give a positive number of threads" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
