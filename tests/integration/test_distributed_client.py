@@ -4,6 +4,7 @@ drops it, and the same command brings it back under its name and partition."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,28 +34,37 @@ def _no_dropout_copy(tiny_model_dir: str, target: Path) -> str:
     return str(target)
 
 
-def test_two_ranks_at_batch_b_upload_what_one_process_uploads_at_batch_2b(tmp_path, tiny_model_dir):
+@contextlib.contextmanager
+def _against_one_process(tmp_path, tiny_model_dir, start_distributed):
+    """One round of one client holding all 240 rows (3 full global batches of 8, subspace_reg's penalty):
+    once as one process at batch 8, once as ``start_distributed(federation)`` starts it at batch 4 per rank.
+    Both runs have finished and uploaded the same factors when the body runs; yields the two federations."""
     model = _no_dropout_copy(tiny_model_dir, tmp_path / "model")
-    # One client holding all 240 rows, 3 global batches of 8 (all full), subspace_reg's penalty, one round.
     settings = {"num_clients": 1, "num_rounds": 1, "max_local_steps": 3, "method": "subspace_reg"}
     one_process = tiny_run_config(model, per_device_train_batch_size=2 * PER_RANK_BATCH, **settings)
-    two_ranks = tiny_run_config(model, per_device_train_batch_size=PER_RANK_BATCH, **settings)
-    with Federation(tmp_path / "one", one_process) as one, Federation(tmp_path / "two", two_ranks) as two:
-        one.start_coordinator()
-        two.start_coordinator()
-        one.wait_address()
-        two.wait_address()
+    distributed = tiny_run_config(model, per_device_train_batch_size=PER_RANK_BATCH, **settings)
+    with Federation(tmp_path / "one", one_process) as one, Federation(tmp_path / "two", distributed) as two:
+        for federation in (one, two):
+            federation.start_coordinator()
+        for federation in (one, two):
+            federation.wait_address()
         one.start_client(0)
-        two.start_torchrun_client(0, nproc=2)
+        start_distributed(two)
         assert one.finish(300) == 0, one.log("coordinator.log")[-3000:]
         assert two.finish(300) == 0, two.log("coordinator.log")[-3000:] + two.log("client-0.log")[-5000:]
+        solo = load_file(one.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        ranks = load_file(two.run_dir / "updates" / "round_001" / "client-0.safetensors")
+        assert_same_training(ranks, solo, lr=distributed["learning_rate"])
+        yield one, two
+
+
+def test_two_ranks_at_batch_b_upload_what_one_process_uploads_at_batch_2b(tmp_path, tiny_model_dir):
+    with _against_one_process(tmp_path, tiny_model_dir, lambda two: two.start_torchrun_client(0, nproc=2)) \
+            as (one, two):
         assert two.clients[0].returncode == 0, two.log("client-0.log")[-5000:]   # torchrun: every rank exited 0
         log = two.log("client-0.log")
         assert "[client-0 rank 1/2]" in log and "run over (rank 0 says)" in log
         assert log.count("uploaded") == 1                                          # rank 0 alone uploads
-        solo = load_file(one.run_dir / "updates" / "round_001" / "client-0.safetensors")
-        ranks = load_file(two.run_dir / "updates" / "round_001" / "client-0.safetensors")
-        assert_same_training(ranks, solo, lr=two_ranks["learning_rate"])
         (solo_round,), (ranks_round,) = one.metrics(), two.metrics()
         # The whole partition counts, once; steps are global batches; the loss is the global batches'.
         assert ranks_round["num_examples"] == solo_round["num_examples"] == [240]
@@ -83,26 +93,13 @@ def _start_two_node_client(federation: Federation, index: int) -> list:
 
 def test_a_client_spanning_two_nodes_uploads_what_one_process_uploads(tmp_path, tiny_model_dir):
     # torchrun --nnodes 2: one client whose ranks live under two agents (two machines in real use).
-    model = _no_dropout_copy(tiny_model_dir, tmp_path / "model")
-    settings = {"num_clients": 1, "num_rounds": 1, "max_local_steps": 3, "method": "subspace_reg"}
-    one_process = tiny_run_config(model, per_device_train_batch_size=2 * PER_RANK_BATCH, **settings)
-    two_nodes = tiny_run_config(model, per_device_train_batch_size=PER_RANK_BATCH, **settings)
-    with Federation(tmp_path / "one", one_process) as one, Federation(tmp_path / "two", two_nodes) as two:
-        one.start_coordinator()
-        two.start_coordinator()
-        one.wait_address()
-        two.wait_address()
-        one.start_client(0)
-        agents = _start_two_node_client(two, 0)
-        assert one.finish(300) == 0, one.log("coordinator.log")[-3000:]
-        assert two.finish(300) == 0, two.log("coordinator.log")[-3000:] + two.log("client-0-node1.log")[-3000:]
+    agents = []
+    with _against_one_process(tmp_path, tiny_model_dir, lambda two: agents.extend(_start_two_node_client(two, 0))) \
+            as (one, two):
         node0, node1 = two.log("client-0-node0.log"), two.log("client-0-node1.log")
         for agent in agents:
             assert agent.wait(timeout=60) == 0, node0[-3000:] + node1[-3000:]
         assert "[client-0 rank 1/2]" in node1 and "uploaded" in node0 and "uploaded" not in node1
-        solo = load_file(one.run_dir / "updates" / "round_001" / "client-0.safetensors")
-        spanning = load_file(two.run_dir / "updates" / "round_001" / "client-0.safetensors")
-        assert_same_training(spanning, solo, lr=two_nodes["learning_rate"])
         assert two.metrics()[0]["num_examples"] == one.metrics()[0]["num_examples"] == [240]
 
 
