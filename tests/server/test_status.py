@@ -44,7 +44,7 @@ def test_status_follows_a_run_round_by_round(tmp_path, capsys, monkeypatch):
         assert states == {name: "training" if name == sampled_name else "joined" for name in ("c0", "c1", "c2")}
         assert [c["partition"] for c in status["clients"]] == [0, 1, 2]
         assert {c["num_examples"] for c in status["clients"]} == {10}
-        assert all(0 <= c["seconds_since_keepalive"] < 60 for c in status["clients"])
+        assert all(c["seconds_since_keepalive"] >= 0 for c in status["clients"])      # seen (-1: never)
 
         task = connections[sampled_id].next_task(sampled_id)
         assert isinstance(task, ReceivedTask)
