@@ -252,7 +252,8 @@ def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while "not reachable" not in (tmp_path / "client.log").read_text():
-            assert time.monotonic() < deadline and agent.poll() is None, (tmp_path / "client.log").read_text()
+            if time.monotonic() > deadline or agent.poll() is not None:       # a bound, as harness.wait_for
+                raise AssertionError((tmp_path / "client.log").read_text())
             time.sleep(0.2)
         ranks = _rank_pids(agent.pid)
         assert sorted(ranks) == [0, 1], ranks
@@ -260,7 +261,8 @@ def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
         agent.wait()
         deadline = time.monotonic() + 30
         while any(map(_alive, ranks.values())):
-            assert time.monotonic() < deadline, f"ranks {ranks} outlived their agent"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"ranks {ranks} outlived their agent")
             time.sleep(0.2)
     finally:
         for pid in {*descendants(agent.pid), *ranks.values()}:       # orphans are no longer the agent's

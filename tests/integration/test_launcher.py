@@ -70,7 +70,8 @@ def test_launcher_prints_the_coordinators_status_on_sigusr1(tmp_path):
     def wait_for(predicate, what: str, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
-            assert launcher.poll() is None and time.monotonic() < deadline, f"{what}:\n" + "".join(lines)[-3000:]
+            if launcher.poll() is not None or time.monotonic() > deadline:    # a bound, as harness.wait_for
+                raise AssertionError(f"no {what}:\n" + "".join(lines)[-3000:])
             time.sleep(0.2)
 
     try:
