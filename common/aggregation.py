@@ -126,14 +126,19 @@ class _LowRankSvd:
     v: torch.Tensor  # (n, k, q)
 
 
-def _householder_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _householder_qr(x: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reduced QR of x (n, rows, m) with Q left implicit: (reflectors, tau, R (n, min(rows, m), m)).
 
     R is exactly ``torch.linalg.qr``'s (the same LAPACK geqrf); Q is never formed, because only a few
     of its columns' combinations are ever needed (``_apply_q``): forming it (orgqr) costs as much as
-    the factorization, and multiplying by it as much again.
+    the factorization, and multiplying by it as much again. ``overwrite``: the reflectors are written
+    over x (column-major, as LAPACK reads it), saving a copy of the whole stack; x is then consumed.
     """
-    reflectors, tau = torch.geqrf(x)  # (n, rows, m), (n, min(rows, m))
+    if overwrite and x.mT.is_contiguous():
+        tau = x.new_empty(*x.shape[:-2], min(x.shape[-2:]))
+        reflectors, tau = torch.geqrf(x, out=(x, tau))  # (n, rows, m), (n, min(rows, m))
+    else:
+        reflectors, tau = torch.geqrf(x)  # (n, rows, m), (n, min(rows, m))
     return reflectors, tau, reflectors[..., : tau.shape[-1], :].triu()
 
 
@@ -146,16 +151,17 @@ def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -
 
 
 def _top_svd_of_weighted_product(
-    b_stack: torch.Tensor, weights: torch.Tensor, a_stack: torch.Tensor, rank: int
+    b_stack: torch.Tensor, weights: torch.Tensor, a_stack: torch.Tensor, rank: int, overwrite: bool = False
 ) -> tuple[_LowRankSvd, torch.Tensor]:
     """Top-``rank`` SVD of M = B_s diag(w) A_s and ||M||_F (n,), without forming the (d, k) product M.
+    ``overwrite``: b_stack and a_stack are the caller's scratch, consumed by the QRs.
 
     Exact: M = Q_b (R_b diag(w) R_a^T) Q_a^T with orthonormal Q_b, Q_a, so M's singular values
     are the small core's and its singular vectors are the core's lifted through Q_b and Q_a.
     Only the kept ``rank`` vectors are lifted (the lift is the costly (d, m) x (m, rank) part).
     """
-    reflectors_b, tau_b, r_b = _householder_qr(b_stack)  # R_b (n, m_b, m)
-    reflectors_a, tau_a, r_a = _householder_qr(a_stack.mT)  # R_a (n, m_a, m)
+    reflectors_b, tau_b, r_b = _householder_qr(b_stack, overwrite)  # R_b (n, m_b, m)
+    reflectors_a, tau_a, r_a = _householder_qr(a_stack.mT, overwrite)  # R_a (n, m_a, m)
     core = (r_b * weights) @ r_a.mT  # (n, m_b, m_a), m_b = min(d, m), m_a = min(k, m)
     u_core, sigma, vh_core = torch.linalg.svd(core, full_matrices=False)  # (n, m_b, q), (n, q), (n, q, m_a)
     kept = min(rank, sigma.shape[-1])
@@ -274,7 +280,8 @@ def client_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
 @dataclass(frozen=True)
 class GroupInputs:
     """The layers of one shape, stacked (n layers), in float64: the previous global factors and the clients'
-    factors side by side. Layers are independent, so a method's step runs once per group, batched over n."""
+    factors side by side. Layers are independent, so a method's step runs once per group, batched over n.
+    Built for one ``aggregate_group`` call, which owns them: a step may overwrite the stacks in place."""
 
     global_factors: LoraFactors  # A (n, r_g, k), B (n, d, r_g)
     client_b: torch.Tensor  # (n, d, K r_c): per layer B_s = [B_1 .. B_K], column-major (what LAPACK's QR reads)
@@ -307,9 +314,15 @@ def layers_by_shape(state: AdapterState) -> list[list[str]]:
 
 def _stacked(tensors: Sequence[torch.Tensor], like: torch.Tensor, rows: int) -> torch.Tensor:
     """Equally shaped tensors (rows_i, cols), in order, as one float64 (n, rows, cols) stack on ``like``'s
-    device: consecutive tensors fill each (rows, cols) block top to bottom."""
-    stack = torch.stack([t.to(device=like.device) for t in tensors])  # (n rows / rows_i, rows_i, cols)
-    return stack.view(-1, rows, stack.shape[-1]).to(COMPUTE_DTYPE)
+    device: consecutive tensors fill each (rows, cols) block top to bottom.
+
+    Written in one pass (each tensor converted as it is copied in): stacking first and converting the
+    stack after read and wrote the group's data twice, tens of MB per group at RoBERTa-large shapes."""
+    first = tensors[0]
+    stack = torch.empty((len(tensors), *first.shape), dtype=COMPUTE_DTYPE, device=like.device)  # (n rows / rows_i, rows_i, cols)
+    for block, t in zip(stack, tensors):
+        block.copy_(t)
+    return stack.view(-1, rows, stack.shape[-1])
 
 
 def _unstacked(stack: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
@@ -452,7 +465,8 @@ class RefactorizingStrategy(LayerwiseStrategy):
 
     def aggregate_group(self, layers: list[str], inputs: GroupInputs, settings: AggregationSettings) -> GroupOutput:
         b_stack, weights, a_stack = self.target(inputs, settings.scaling)  # (n, d, m), (m,), (n, m, k)
-        top, target_norm = _top_svd_of_weighted_product(b_stack, weights, a_stack, settings.rank)
+        # The stacks are this call's own (GroupInputs are built per group): the QRs may overwrite them.
+        top, target_norm = _top_svd_of_weighted_product(b_stack, weights, a_stack, settings.rank, overwrite=True)
         sigma = top.s  # (n, <= r) top singular values of M; target_norm (n,) = ||M||_F from all of them
         clip = settings.max_update_norm
         if clip is not None:

@@ -11,7 +11,7 @@ to start from and for the regularizer's alpha term (common/regularizer.py), as t
 the first server step there is no reference: the task is the initial adapter (B_g = 0).
 
 Client objective: task loss + (1/P) sum_l [mu/2 ||s B A - s B_g A_g||^2 + alpha/2 ||B - B_g||^2
-+ lambda/2 (||A||^2 + ||B||^2)] (common/regularizer.py ``subspace_regularizer``).
++ lambda/2 (||A||^2 + ||B||^2)] (common/regularizer.py ``SubspaceRegularizer``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from common.adapter import LORA_B_SUFFIX, REFERENCE_GAIN_SUFFIX, REFERENCE_SUFFIX, AdapterState, LoraFactors
 from common.aggregation import get_strategy
-from common.methods.base import Factors, LocalObjective, Method, Recipient, ServerStep
-from common.regularizer import subspace_regularizer
+from common.methods.base import LocalObjective, Method, Recipient, ServerStep
+from common.regularizer import SubspaceRegularizer
 from common.validation import ExpectedTensors
 
 
@@ -81,11 +81,9 @@ class SubspaceReg(Method):
         if missing:
             raise ValueError(f"subspace_reg task has neither lora_B nor the reference basis and gain for {missing[:3]}")
         reference = AdapterState.from_state_dict(start).lora          # A_g, B_g: constants of the penalty
-        fed, scaling = config.federation, config.model.scaling
-
-        def penalty(factors: Factors) -> torch.Tensor:
-            return subspace_regularizer(factors, reference, scaling, fed.mu, fed.alpha, fed.lambda_reg)
-
+        fed = config.federation
+        # Prepared once for the round: the reference's stacks and Grams are not rebuilt at every step.
+        penalty = SubspaceRegularizer(reference, config.model.scaling, fed.mu, fed.alpha, fed.lambda_reg)
         return LocalObjective(start=start, penalty=penalty)
 
 

@@ -421,3 +421,28 @@ def test_batched_outputs_do_not_share_memory() -> None:
     storages = [t.untyped_storage().data_ptr() for layer in MIXED_SHAPES
                 for t in (result.state.lora[layer].A, result.state.lora[layer].B, result.reference_basis[layer])]
     assert len(set(storages)) == len(storages)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inputs_are_left_as_they_were(method: str) -> None:
+    """The QRs overwrite the group's own float64 stacks, never the caller's tensors: the global state and
+    every update are bit for bit what they were, float64 ones (which stacking does not copy by dtype) too."""
+    gen = make_generator(12)
+    global_state = random_state(gen, MIXED_SHAPES, 4, head=HEAD_SHAPES)
+    updates = random_updates(gen, MIXED_SHAPES, 4, 3, head=HEAD_SHAPES)
+    before = [t.clone() for s in [global_state] + [u.state for u in updates] for f in s.lora.values() for t in (f.A, f.B)]
+    aggregate(method, global_state, updates, AggregationSettings(SCALING, 4, None))
+    after = [t for s in [global_state] + [u.state for u in updates] for f in s.lora.values() for t in (f.A, f.B)]
+    assert after[0].dtype == F64
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+def test_qr_in_place_equals_the_copying_qr() -> None:
+    """Overwriting the stack with LAPACK's reflectors gives geqrf's exact output (what the copying call gives)."""
+    from common.aggregation import _householder_qr
+
+    stack = torch.randn(5, 6, 40, generator=make_generator(13), dtype=F64).mT  # (n, 40, 6), column-major
+    copying = _householder_qr(stack)
+    in_place = _householder_qr(stack.clone().mT.contiguous().mT, overwrite=True)
+    for x, y in zip(copying, in_place):
+        assert torch.equal(x, y)

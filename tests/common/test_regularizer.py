@@ -133,3 +133,27 @@ def test_layers_batched_by_shape_equal_each_layer_alone() -> None:
     for (layer, pair), value, g_batched in zip(local.items(), per_layer, zip(batched_grads[::2], batched_grads[1::2])):
         for g_b, g_alone in zip(g_batched, torch.autograd.grad(value / len(local), list(pair))):
             assert rel_err(g_b, g_alone) <= 1e-13
+
+
+def test_prepared_regularizer_equals_one_call_over_many_steps() -> None:
+    """A ``SubspaceRegularizer`` prepared once for the round gives what ``subspace_regularizer`` gives at each
+    step, bit for bit, while the live factors move (its kept constants are the reference's only), and for a
+    subset of the layers."""
+    from common.regularizer import SubspaceRegularizer
+
+    local, reference = make_case(9, 4, [(12, 9), (9, 14), (12, 9)])
+    prepared = SubspaceRegularizer(reference, 2.0, 0.05, 0.01, 1e-5)
+    optimizer = torch.optim.SGD([t for pair in local.values() for t in pair], lr=0.5)
+    for _ in range(3):
+        value = prepared(local)
+        expected = subspace_regularizer(local, reference, 2.0, 0.05, 0.01, 1e-5)
+        assert torch.equal(value, expected)
+        for g_p, g_e in zip(grads(value, local), grads(expected, local)):
+            assert torch.equal(g_p, g_e)
+        optimizer.zero_grad()
+        prepared(local).backward()
+        optimizer.step()
+    subset = {"layer.1": local["layer.1"]}
+    assert torch.equal(prepared(subset), subspace_regularizer(subset, reference, 2.0, 0.05, 0.01, 1e-5))
+    with pytest.raises(ValueError, match="lambda_reg"):
+        SubspaceRegularizer(reference, 2.0, 0.05, 0.01, -1.0)
