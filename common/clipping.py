@@ -37,28 +37,38 @@ class ClippedUpdate:
 
 
 class _UpdateGeometry:
-    """The Gram matrices of one client's update against the global adapter, in float64."""
+    """||Delta(c)||^2 of one client's update against the global adapter as a polynomial in c, in float64.
+
+    With D = diag(c I_2r, c^2 I_r) the layer's term is s^2 tr(D G_L D G_R) = s^2 sum_ij d_i d_j G_L[i, j] G_R[i, j]
+    (both Grams symmetric), so summed over layers
+
+        ||Delta(c)||^2 = c^2 (s^2 S_11 + extra) + 2 c^3 s^2 S_12 + c^4 s^2 S_22,
+
+    S_ab the sums of G_L * G_R over the blocks (first 2r, last r) of rows and columns. The Grams are
+    formed once, and every bisection step is then three multiplications instead of a pass over the layers.
+    """
 
     def __init__(self, update: AdapterState, reference: AdapterState, scaling: float) -> None:
-        self.lora_grams: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        sums = torch.zeros(3, dtype=torch.float64)  # S_11, S_12, S_22
+        # Layer by layer: each layer's operands stay in cache (stacking the layers first was 2x slower).
         for layer, mine in update.lora.items():
             glob = reference.lora[layer]
             A_g, B_g = glob.A.double(), glob.B.double()            # (r, k), (d, r)
             dA, dB = mine.A.double() - A_g, mine.B.double() - B_g  # (r, k), (d, r)
             left = torch.cat([dB, B_g, dB], dim=1)                  # (d, 3r)
             right = torch.cat([A_g, dA, dA], dim=0)                 # (3r, k)
-            self.lora_grams.append((left.T @ left, right @ right.T, A_g.shape[0]))
-        self.scaling = scaling
-        self.extra_sq = sum(float(torch.sum((update.extra[name].double() - value.double()) ** 2))
-                            for name, value in reference.extra.items())
+            products = (left.T @ left) * (right @ right.T)          # (3r, 3r) G_L * G_R
+            first = 2 * A_g.shape[0]                                # the c-scaled block: [dB, B_g] against [A_g; dA]
+            sums += torch.stack([products[:first, :first].sum(), products[:first, first:].sum(),
+                                 products[first:, first:].sum()])
+        s_11, s_12, s_22 = sums.tolist()
+        extra_sq = sum(float(torch.sum((update.extra[name].double() - value.double()) ** 2))
+                       for name, value in reference.extra.items())
+        self.coefficients = (scaling**2 * s_11 + extra_sq, 2.0 * scaling**2 * s_12, scaling**2 * s_22)
 
     def norm(self, c: float) -> float:
-        total = self.extra_sq * c * c
-        for gram_left, gram_right, rank in self.lora_grams:
-            d = torch.tensor([c] * (2 * rank) + [c * c] * rank, dtype=torch.float64)
-            # tr(D G_L D G_R) = sum_ij d_i d_j G_L[i, j] G_R[j, i]
-            total += self.scaling ** 2 * float(torch.sum(torch.outer(d, d) * gram_left * gram_right.T))
-        return max(total, 0.0) ** 0.5
+        quadratic, cubic, quartic = self.coefficients
+        return max(c * c * (quadratic + c * (cubic + c * quartic)), 0.0) ** 0.5
 
 
 def update_norm(update: AdapterState, reference: AdapterState, scaling: float) -> float:

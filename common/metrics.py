@@ -13,9 +13,13 @@ Norms and inner products run over all layers together: ||X||^2 = sum_l ||X_l||_F
 - aggregation_error       = ||dW_g - dW|| / ||dW||   (dW_g + R when the method folds a residual R into the
                             base weights: fedex_lora, whose error is then zero up to rounding)
 
-No (d, k) product is formed: <dW_i, dW_j> = s^2 tr((B_i^T B_j)(A_j A_i^T)), and the norms of
-sums of products come from the QR core of the stacked factors (exact, no cancellation of
-large Gram terms). Everything runs in float64.
+No (d, k) product is formed. Per layer, one QR of X = [B_1 .. B_K, B_g, B_R] (d, m) and one of
+Y^T = [A_1; ..; A_K; A_g; A_R]^T (k, m) put every factor in the coordinates of Q_x and Q_y, which
+keep norms, inner products and subspaces: B_i = Q_x R_x,i. So <dW_i, dW_j> = s^2 tr((B_i^T B_j)(A_j A_i^T))
+comes from R's columns, the norms of sums of products from the (<= m, <= m) core R_x diag(w) R_y^T
+(exact, no cancellation of large Gram terms), and the bases and overlaps from SVDs of R's (<= m, r)
+blocks instead of (d, r) matrices. Layers of one shape are stacked and done in one batched call each
+(RoBERTa-large: three groups for 145 layers). Everything runs in float64.
 
 Rank handling (the choice documented here): orth() and "top-r" keep only the rank actually
 present, i.e. singular values above max(rows, cols) * eps * sigma_max (torch.linalg.matrix_rank's
@@ -36,7 +40,7 @@ from itertools import combinations
 
 import torch
 
-from common.adapter import AdapterState, ClientUpdate, LoraFactors, stack_factors
+from common.adapter import AdapterState, ClientUpdate
 
 logger = logging.getLogger(__name__)
 
@@ -59,68 +63,93 @@ METRIC_NAMES = (
 
 
 # --------------------------------------------------------------------------- factored primitives
+# Each takes a stack of equally shaped layers (leading dimensions ...) and returns per-layer results:
+# the layers of one shape are independent, so one batched QR / SVD / matmul replaces a loop per layer.
+# A basis is returned with its numerical rank, its columns beyond that rank set to zero, which is
+# what truncating it would give in every product below.
 
 
-def _numerical_rank(singular_values: torch.Tensor, rows: int, cols: int) -> int:
-    """Singular values above max(rows, cols) * eps * sigma_max (0 for an all-zero matrix)."""
-    if singular_values.numel() == 0:
-        return 0
-    top = float(singular_values[0])
-    if not top > 0.0:
-        return 0
+def _numerical_ranks(singular_values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(...,) ranks: the singular values (..., q) above max(rows, cols) * eps * sigma_max (0 for a zero matrix)."""
+    if singular_values.shape[-1] == 0:
+        return torch.zeros(singular_values.shape[:-1], dtype=torch.long)
+    top = singular_values[..., :1]  # (..., 1)
     tolerance = top * max(rows, cols) * torch.finfo(singular_values.dtype).eps
-    return int((singular_values > tolerance).sum())
+    ranks = (singular_values > tolerance).sum(dim=-1)
+    return torch.where(top[..., 0] > 0.0, ranks, 0)  # not > 0: zero (or NaN) matrix
 
 
-def orth(b: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis (d, rho) of span(B) for B (d, r), rho its numerical rank."""
-    u, sigma, _ = torch.linalg.svd(b, full_matrices=False)  # (d, r), (r,)
-    return u[:, : _numerical_rank(sigma, *b.shape)]
+def _masked(u: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """u (..., d, q) with the columns at and beyond each matrix's rank (...,) set to zero."""
+    keep = torch.arange(u.shape[-1]) < ranks.unsqueeze(-1)  # (..., q)
+    return u * keep.unsqueeze(-2)
 
 
-def left_singular_basis(b: torch.Tensor, a: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` left singular vectors (d, <= rank) of B A for B (d, r), A (r, k), factored.
+def orth(b: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of span(B) for B (..., p, r): (Q (..., p, r), rho (...,)), rho the numerical rank
+    of the original B (rows, r) whose coordinates these are."""
+    u, sigma, _ = torch.linalg.svd(b, full_matrices=False)  # (..., p, r), (..., r)
+    ranks = _numerical_ranks(sigma, rows, b.shape[-1])
+    return _masked(u, ranks), ranks
+
+
+def left_singular_basis(b: torch.Tensor, a: torch.Tensor, rank: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` left singular vectors of B A for B (..., p, r), A (..., r, q), factored:
+    (U (..., p, r), kept (...,)), kept = min(rank, numerical rank of the original (rows, cols) product).
 
     With A^T = Q_a R_a, B A = (B R_a^T) Q_a^T and Q_a has orthonormal columns, so B A and the
-    thin (d, r) matrix B R_a^T share their left singular vectors and singular values.
+    thin (p, r) matrix B R_a^T share their left singular vectors and singular values.
     """
-    _, r_a = torch.linalg.qr(a.T)  # (min(k, r), r)
-    u, sigma, _ = torch.linalg.svd(b @ r_a.T, full_matrices=False)  # (d, q), (q,)
-    present = _numerical_rank(sigma, b.shape[0], a.shape[1])
-    return u[:, : min(rank, present)]
+    r_a = torch.linalg.qr(a.mT, mode="r").R  # (..., min(q, r), r)
+    u, sigma, _ = torch.linalg.svd(b @ r_a.mT, full_matrices=False)  # (..., p, min(q, r)), (..., min(q, r))
+    kept = _numerical_ranks(sigma, rows, cols).clamp(max=rank)
+    return _masked(u, kept), kept
 
 
-def norm_of_weighted_sum(b_stack: torch.Tensor, weights: torch.Tensor, a_stack: torch.Tensor) -> float:
-    """||B_s diag(w) A_s||_F via QR on both sides: ||R_b diag(w) R_a^T||_F, a (<= m, <= m) core."""
-    _, r_b = torch.linalg.qr(b_stack)  # (m_b, m)
-    _, r_a = torch.linalg.qr(a_stack.T)  # (m_a, m)
-    return float(torch.linalg.matrix_norm((r_b * weights) @ r_a.T))
-
-
-def client_gram(factors: Sequence[LoraFactors], scaling: float) -> torch.Tensor:
-    """G (K, K) with G_ij = <s B_i A_i, s B_j A_j>_F = s^2 tr((B_i^T B_j)(A_j A_i^T))."""
-    rank = factors[0].rank
-    b_stack, a_stack = stack_factors(factors)  # (d, K r), (K r, k)
+def client_gram(r_b: torch.Tensor, r_a: torch.Tensor, count: int, scaling: float) -> torch.Tensor:
+    """G (K, K), summed over the layers of the stack, with G_ij = <s B_i A_i, s B_j A_j>_F
+    = s^2 tr((B_i^T B_j)(A_j A_i^T)), from the clients' columns of the R factors of B_s (n, ., K r) and
+    A_s^T (n, ., K r): B_i^T B_j = R_b,i^T R_b,j and A_i A_j^T = R_a,i^T R_a,j."""
+    rank = r_a.shape[-1] // count
     # tr((B_i^T B_j)(A_j A_i^T)) = sum_ab (B_i^T B_j)_ab (A_i A_j^T)_ab: elementwise, then block sums.
-    products = (b_stack.T @ b_stack) * (a_stack @ a_stack.T)  # (K r, K r)
-    count = len(factors)
-    return scaling**2 * products.reshape(count, rank, count, rank).sum(dim=(1, 3))
+    products = (r_b.mT @ r_b) * (r_a.mT @ r_a)  # (n, K r, K r)
+    return scaling**2 * products.reshape(-1, count, rank, count, rank).sum(dim=(0, 2, 4))
 
 
-def subspace_overlap_sq(q_1: torch.Tensor, q_2: torch.Tensor) -> float | None:
-    """||Q_1^T Q_2||_F^2 / min(rank_1, rank_2), in [0, 1]; None if either basis is empty."""
-    smaller = min(q_1.shape[1], q_2.shape[1])
-    if smaller == 0:
-        return None
-    value = float(torch.linalg.matrix_norm(q_1.T @ q_2) ** 2) / smaller
-    return min(max(value, 0.0), 1.0)
+def subspace_overlap_sq(q_1: torch.Tensor, rank_1: torch.Tensor, q_2: torch.Tensor,
+                        rank_2: torch.Tensor) -> list[float | None]:
+    """||Q_1^T Q_2||_F^2 / min(rank_1, rank_2), in [0, 1], for bases (..., d, q) of ranks (...,) broadcast
+    together, flattened in order; None where either basis is empty."""
+    smaller = torch.minimum(rank_1, rank_2)  # (...,)
+    values = (torch.linalg.matrix_norm(q_1.mT @ q_2) ** 2 / smaller.clamp(min=1)).clamp(0.0, 1.0)
+    return [value if size > 0 else None for value, size in zip(values.flatten().tolist(), smaller.flatten().tolist())]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_cpu64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=_DTYPE)
+def _stacked(per_layer: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """(n, m, cols) float64 on the CPU: for each of n layers, its matrices (rows_i, cols) one under the other
+    (sum rows_i = m), each converted as it is copied in."""
+    first = per_layer[0]
+    stacked = torch.empty((len(per_layer), sum(b.shape[0] for b in first), first[0].shape[1]), dtype=_DTYPE)
+    for out, blocks in zip(stacked, per_layer):
+        row = 0
+        for block in blocks:
+            out[row:row + block.shape[0]].copy_(block.detach())
+            row += block.shape[0]
+    return stacked
+
+
+def _groups(new_global: AdapterState, base_increment: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[list[str]]:
+    """The layers in groups of equal shapes (the new global factors and the base residual's width), each
+    group in the adapter's order (RoBERTa-large: 145 layers in three groups)."""
+    groups: dict[tuple, list[str]] = {}
+    for layer, f in new_global.lora.items():
+        residual = base_increment.get(layer)
+        width = None if residual is None else tuple(residual[0].shape) + tuple(residual[1].shape)
+        groups.setdefault((tuple(f.A.shape), tuple(f.B.shape), width), []).append(layer)
+    return list(groups.values())
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -175,35 +204,45 @@ def alignment_metrics(
     overlap_sq: list[float | None] = []
     update_overlap: list[float | None] = []
 
-    for layer, glob in new_global.lora.items():
-        a_g = _as_cpu64(glob.A)  # (r, k)
-        b_g = _as_cpu64(glob.B)  # (d, r)
-        rank = a_g.shape[0]
-        clients = [LoraFactors(A=_as_cpu64(u.state.lora[layer].A), B=_as_cpu64(u.state.lora[layer].B)) for u in updates]
-        client_rank = clients[0].rank
+    for layers in _groups(new_global, base_increment or {}):
+        (d, rank), k = new_global.lora[layers[0]].B.shape, new_global.lora[layers[0]].A.shape[1]
+        increments = [base_increment[layer] for layer in layers] if base_increment and layers[0] in base_increment else []
+        # Per layer X = [B_1 .. B_K, B_g, B_R] (d, m) and Y = [A_1; ..; A_K; A_g; A_R] (m, k), stacked over the
+        # group (n, ., .) with X column-major (what LAPACK reads). One QR each, X = Q_x R_x, Y^T = Q_y R_y:
+        # every factor is then R's block of columns, in coordinates Q_x / Q_y preserve (norms, inner
+        # products, subspaces), so all the diagnostics below run on (<= m, m) matrices instead of (d, m).
+        residuals = increments or [(None, None)] * len(layers)
+        x = _stacked([[u.state.lora[layer].B.mT for u in updates] + [new_global.lora[layer].B.mT]
+                      + ([] if b_res is None else [b_res.mT]) for layer, (b_res, _) in zip(layers, residuals)]).mT
+        y = _stacked([[u.state.lora[layer].A for u in updates] + [new_global.lora[layer].A]
+                      + ([] if a_res is None else [a_res]) for layer, (_, a_res) in zip(layers, residuals)]).mT
+        # x (n, d, m) column-major, y (n, k, m) = Y^T column-major; the clients' columns come first, then
+        # the global's r, then the residual's.
+        client_rank = updates[0].state.lora[layers[0]].A.shape[0]
+        width = count * client_rank
+        r_x = torch.linalg.qr(x, mode="r").R  # (n, p, m), p = min(d, m)
+        r_y = torch.linalg.qr(y, mode="r").R  # (n, q, m), q = min(k, m)
 
-        gram += client_gram(clients, scaling)
-        b_stack, a_stack = stack_factors(clients)  # (d, K r_c), (K r_c, k)
+        gram += client_gram(r_x[..., :width], r_y[..., :width], count, scaling)
         mixture = (scaling * weights).repeat_interleave(client_rank)  # (K r_c,)
-        mean_sq += norm_of_weighted_sum(b_stack, mixture, a_stack) ** 2
-        # dW_g - dW as one stacked product: [B_g, B_1 .. B_K] diag(s, -s p_i ..) [A_g; A_1; ..; A_K].
-        b_res, a_res = (base_increment or {}).get(layer, (b_g[:, :0], a_g[:0]))   # (d, m), (m, k); m = 0: none
-        b_res, a_res = _as_cpu64(b_res), _as_cpu64(a_res)
-        error_sq += norm_of_weighted_sum(
-            torch.cat([b_g, b_res, b_stack], dim=1),
-            torch.cat([torch.full((rank,), float(scaling), dtype=_DTYPE), torch.ones(b_res.shape[1], dtype=_DTYPE),
-                       -mixture]),
-            torch.cat([a_g, a_res, a_stack], dim=0),
-        ) ** 2
+        # ||sum p_i dW_i|| = ||R_x,c diag(s p) R_y,c^T||; dW_g - dW: weights (-s p, s, 1) on all m columns.
+        mean_sq += float((torch.linalg.matrix_norm((r_x[..., :width] * mixture) @ r_y[..., :width].mT) ** 2).sum())
+        signed = torch.cat([-mixture, torch.full((rank,), float(scaling), dtype=_DTYPE),
+                            torch.ones(x.shape[-1] - width - rank, dtype=_DTYPE)])  # (m,)
+        error_sq += float((torch.linalg.matrix_norm((r_x * signed) @ r_y.mT) ** 2).sum())
 
-        q_g = orth(b_g)  # (d, rho_g)
-        u_g = left_singular_basis(b_g, a_g, rank)  # (d, <= r)
-        for f in clients:
-            q_i = orth(f.B)  # (d, rho_i)
-            released = subspace_overlap_sq(q_i, q_g)
-            overlap.append(None if released is None else math.sqrt(released))
-            overlap_sq.append(subspace_overlap_sq(u_g, q_i))
-            update_overlap.append(subspace_overlap_sq(left_singular_basis(f.B, f.A, rank), u_g))
+        b_g, a_g = r_x[..., width:width + rank], r_y[..., width:width + rank].mT  # (n, p, r), (n, r, q)
+        b_i = r_x[..., :width].unflatten(-1, (count, client_rank)).movedim(-2, 1)  # (n, K, p, r_c)
+        a_i = r_y[..., :width].unflatten(-1, (count, client_rank)).movedim(-2, 1).mT  # (n, K, r_c, q)
+        q_g, rho_g = orth(b_g, d)  # (n, p, r), (n,)
+        u_g, kept_g = left_singular_basis(b_g, a_g, rank, d, k)  # (n, p, r), (n,)
+        q_i, rho_i = orth(b_i, d)  # (n, K, p, r_c), (n, K)
+        u_i, kept_i = left_singular_basis(b_i, a_i, rank, d, k)  # (n, K, p, r_c), (n, K)
+        g = (slice(None), None)  # the global basis of each layer against each of its K clients
+        released = subspace_overlap_sq(q_i, rho_i, q_g[g], rho_g[g])  # layer by layer, client by client
+        overlap += [None if value is None else math.sqrt(value) for value in released]
+        overlap_sq += subspace_overlap_sq(u_g[g], kept_g[g], q_i, rho_i)
+        update_overlap += subspace_overlap_sq(u_i, kept_i, u_g[g], kept_g[g])
 
     norms = gram.diagonal().clamp(min=0.0).sqrt()  # (K,) ||dW_i||
     mean_norm = math.sqrt(mean_sq)

@@ -126,3 +126,33 @@ def test_empty_updates_are_refused() -> None:
     global_state = random_state(gen, DEFAULT_SHAPES, 4)
     with pytest.raises(ValueError, match="empty"):
         alignment_metrics([], global_state, SCALING)
+
+def test_layers_batched_by_shape_and_a_base_residual_match_dense() -> None:
+    """Layers of one shape are computed as one stack (three groups here, one of three layers); with a base
+    residual B_R A_R on some layers (fedex_lora's), the aggregation error measures dW_g + R against dW."""
+    shapes = {"g.0": (12, 9), "h.0": (9, 14), "g.1": (12, 9), "single": (7, 7), "g.2": (12, 9)}
+    gen = make_generator(17)
+    global_state = random_state(gen, shapes, 4)
+    updates = random_updates(gen, shapes, 4, 3)
+    new_global = aggregate("svd", global_state, updates, AggregationSettings(SCALING, 4, None)).state
+    assert_close(alignment_metrics(updates, new_global, SCALING), dense_alignment_metrics(updates, new_global, SCALING))
+
+    # A residual that makes the new global model exactly the weighted mean on the 12 x 9 layers.
+    weights = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+    weights = weights / weights.sum()
+    residual = {}
+    for layer in ("g.0", "g.1", "g.2"):
+        b_res = torch.cat([SCALING * float(w) * u.state.lora[layer].B for w, u in zip(weights, updates)]
+                          + [-SCALING * new_global.lora[layer].B], dim=1)  # (d, 4 + 3 * 4)
+        a_res = torch.cat([u.state.lora[layer].A for u in updates] + [new_global.lora[layer].A], dim=0)
+        residual[layer] = (b_res, a_res)
+    with_residual = alignment_metrics(updates, new_global, SCALING, residual)
+    mean = {layer: sum(float(w) * SCALING * u.state.lora[layer].B @ u.state.lora[layer].A
+                       for w, u in zip(weights, updates)) for layer in shapes}
+    error_sq = sum(float(torch.linalg.matrix_norm(SCALING * new_global.lora[layer].B @ new_global.lora[layer].A
+                                                  - mean[layer])) ** 2 for layer in ("h.0", "single"))
+    mean_norm = math.sqrt(sum(float(torch.linalg.matrix_norm(m)) ** 2 for m in mean.values()))
+    assert math.isclose(with_residual["aggregation_error"], math.sqrt(error_sq) / mean_norm, rel_tol=1e-9)
+    for name in METRIC_NAMES:
+        if name != "aggregation_error":
+            assert math.isclose(with_residual[name], alignment_metrics(updates, new_global, SCALING)[name], rel_tol=1e-12)
