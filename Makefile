@@ -36,7 +36,7 @@ help:
 	@echo "              a 2-rank client's training throughput (bench.distributed), transport vs raw gRPC"
 	@echo "              (bench.transport), round overhead (bench.round_overhead), 1,000 clients (bench.scale),"
 	@echo "              then one summary table (bench.summary); QUICK=1 for every benchmark's --quick"
-	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
+	@echo "make proto    regenerate the committed gRPC code (proto/federation_pb2*) from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
@@ -49,14 +49,16 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 
 setup: $(STAMP)
 
+# The generated code is committed (nothing runs protoc on import): after editing proto/federation.proto,
+# run this and commit proto/federation_pb2*.py*; tests/test_proto_generated.py checks they match.
 proto: $(STAMP)
-	$(PYTHON) -c "import proto; proto.generate(force=True)"
+	$(PYTHON) -c "import proto; proto.generate()"
 
-run: proto
+run: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m scripts.local_federation --config $(CONFIG) $(RUN_OVERRIDES)
 
 # Cells run one after the other; finished cells are skipped, so the same command continues a stopped grid.
-experiment: proto
+experiment: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m experiments --grid $(GRID) $(GRID_ARGS)
 
 report: $(STAMP)
@@ -65,16 +67,16 @@ report: $(STAMP)
 archive: $(STAMP)
 	$(PYTHON) -m experiments.archive $(RUNS) $(ARCHIVE)
 
-smoke: proto
+smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \
 		num_rounds=2 num_clients=3 client_fraction=0.6 max_train_samples=300 max_eval_samples=100 $(RUN_OVERRIDES)
 
-test: proto
+test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Each benchmark leaves its last JSON line in runs/bench/ (the first three through tee); bench.summary
 # prints one table of them at the end. QUICK=1: every benchmark's --quick.
-bench: proto
+bench: $(STAMP)
 	mkdir -p runs/bench
 	$(PYTHON) -m bench.math $(if $(QUICK),--quick) | tee runs/bench/math.log
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak $(if $(QUICK),--quick,--rounds 300 --clients 4) | tee runs/bench/soak.log
@@ -99,4 +101,4 @@ docker-check: $(STAMP)
 	$(PYTHON) scripts/check_compose.py
 
 clean:
-	rm -rf runs .pytest_cache .hypothesis proto/federation_pb2*.py proto/federation_pb2*.pyi
+	rm -rf runs .pytest_cache .hypothesis
