@@ -20,7 +20,7 @@ ARCHIVE ?= docs/results/cpu_grid/runs
 
 RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(ROUNDS)) $(if $(CLIENTS),num_clients=$(CLIENTS)) $(ARGS)
 
-.PHONY: help setup proto run experiment report archive smoke test bench certs clean docker-test docker-check
+.PHONY: help setup lint proto run experiment report archive smoke test bench certs clean docker-test docker-check
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
@@ -32,6 +32,7 @@ help:
 	@echo "              swap them (RUNS=archive ARCHIVE=runs/cpu_grid) to continue a grid from an archive"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
+	@echo "make lint     ruff check . (settings in pyproject.toml; ruff pinned in requirements-dev.txt)"
 	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, a 300-round soak (bench.soak),"
 	@echo "              a 2-rank client's training throughput (bench.distributed), transport vs raw gRPC"
 	@echo "              (bench.transport), round overhead (bench.round_overhead), 1,000 clients (bench.scale),"
@@ -48,6 +49,9 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
 # The generated code is committed (nothing runs protoc on import): after editing proto/federation.proto,
 # run this and commit proto/federation_pb2*.py*; tests/test_proto_generated.py checks they match.
