@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+TOP_LEVEL = ("proto", "common", "server", "client", "scripts")
 SCRIPTS = {
     "subspacefl-server": "Run the federated LoRA coordinator",
     "subspacefl-client": "Run one federated LoRA client",
@@ -64,9 +65,11 @@ def test_each_console_script_answers_help_from_outside_the_checkout(installed, s
 
 
 def test_the_installed_modules_come_from_the_new_environment(installed):
-    code = ("import json, proto, server, client, common, scripts.local_federation as launcher, importlib.metadata as m;"
+    code = (f"TOP_LEVEL = {TOP_LEVEL!r};"
+            "import json, proto, server, client, common, scripts.local_federation as launcher, importlib.metadata as m;"
             "print(json.dumps({'files': [proto.__file__, server.__file__, client.__file__, common.__file__],"
             " 'configs': str(launcher.CONFIGS), 'requires': m.requires('subspace-fl'),"
+            " 'owners': {name: m.packages_distributions().get(name) for name in TOP_LEVEL},"
             " 'proto': sorted(p.name for p in m.files('subspace-fl') if p.parent.name == 'proto')}))")
     result = subprocess.run([str(installed["python"]), "-c", code], cwd=installed["tmp"], env=installed["env"],
                             capture_output=True, text=True, timeout=300)
@@ -74,6 +77,9 @@ def test_the_installed_modules_come_from_the_new_environment(installed):
     found = json.loads(result.stdout)
     site = installed["site"].resolve()
     assert all(Path(path).resolve().is_relative_to(site) for path in found["files"]), found["files"]
+    # README's clash check: each generic top-level name belongs to this distribution alone, here (the new
+    # environment sees the project environment's distributions too).
+    assert found["owners"] == {name: ["subspace-fl"] for name in TOP_LEVEL}
     assert Path(found["configs"]).resolve() == site / "scripts" / "configs"
     assert (site / "scripts" / "configs" / "minilm_bbc.yaml").read_text() == (
         ROOT / "configs" / "minilm_bbc.yaml").read_text()
