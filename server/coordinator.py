@@ -285,7 +285,10 @@ class Coordinator:
         tensors = truncate_to_rank(self.method.task_tensors(self._global, self._method_state, recipient),
                                    recipient.rank)
         residual = self.method.base_residual_suffixes
-        is_residual = (lambda name: bool(residual) and name.endswith(residual))
+
+        def is_residual(name: str) -> bool:
+            return bool(residual) and name.endswith(residual)
+
         specs, buffer = encode_tensors({name: t if is_residual(name) else t.to(self.wire_dtype)
                                         for name, t in tensors.items()})
         return TaskPayload(specs, buffer, sum(spec.nbytes for spec in specs if is_residual(spec.name)))

@@ -238,7 +238,6 @@ def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path):
     # The agent stops its ranks when one fails, but killed outright it cannot: each rank asked Linux to stop
     # it with its parent. Here rank 0 is still retrying its join (nothing listens on the port).
     import subprocess
-    import sys
 
     from scripts.local_federation import torchrun_command
     from tests.integration.harness import ROOT, free_port

@@ -14,7 +14,7 @@ from client.connection import CoordinatorConnection, ReceivedTask
 from common.codec import encode_tensors
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
-from proto.serde import CHUNK_BYTES, chunks_to_proto, specs_to_proto, trailer_to_proto
+from proto.serde import specs_to_proto, trailer_to_proto
 from tests.server.conftest import start_live_coordinator
 
 CLEAN = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,

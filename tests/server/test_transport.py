@@ -13,7 +13,6 @@ from tests.server.conftest import start_live_coordinator
 from common.codec import encode_tensors
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
-from proto import federation_pb2_grpc as pb_grpc
 from proto.serde import CHUNK_BYTES, chunks_to_proto, specs_to_proto, trailer_to_proto
 
 
