@@ -23,6 +23,17 @@
 # exec hands PID 1 to Python, so `docker stop` (SIGTERM) reaches the coordinator's shutdown handler.
 set -eu
 
+# Bind-mounted keys keep their host owner and mode: say how to fix an unreadable one before Python fails on it.
+readable() {
+    for file in "$@"; do
+        if [ -n "$file" ] && [ ! -r "$file" ]; then
+            echo "entrypoint: $file is missing or not readable by this container's user (uid $(id -u)):" \
+                "on the host, \`make certs KEY_UID=$(id -u)\` issues keys that uid may read (README, \"TLS in Docker\")" >&2
+            exit 2
+        fi
+    done
+}
+
 case "${1:-}" in
     coordinator)
         shift
@@ -36,6 +47,7 @@ case "${1:-}" in
                     "client certificates optional)" >&2
                 exit 2
             fi
+            readable "${TLS_CERT:-}" "${TLS_KEY:-}" "$TLS_CA"
             set -- --tls-cert "${TLS_CERT:-}" --tls-key "${TLS_KEY:-}" "$@"
             case "${TLS_REQUIRE_CLIENT_CERT:-1}" in
                 1|true|yes) set -- --tls-ca "$TLS_CA" "$@" ;;
@@ -51,6 +63,7 @@ case "${1:-}" in
     client)
         shift
         # Flags from the environment go before the command's own options, which therefore win.
+        readable "${TLS_CA:-}" "${TLS_CERT:-}" "${TLS_KEY:-}"
         if [ -n "${TOKEN_FILE:-}" ]; then
             set -- --token-file "$TOKEN_FILE" "$@"
         fi

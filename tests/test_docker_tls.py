@@ -172,36 +172,47 @@ def entrypoint(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedPr
                           timeout=30)
 
 
-TLS_ENV = {"TLS_CA": "/certs/ca.pem", "TLS_CERT": "/certs/cert.pem", "TLS_KEY": "/certs/key.pem"}
+@pytest.fixture()
+def tls_env(tmp_path: Path) -> dict[str, str]:
+    """TLS_CA, TLS_CERT, TLS_KEY naming files that exist (the entrypoint checks that it can read them)."""
+    files = {}
+    for variable, name in (("TLS_CA", "ca.pem"), ("TLS_CERT", "cert.pem"), ("TLS_KEY", "key.pem")):
+        (tmp_path / name).write_text("PEM\n")
+        files[variable] = str(tmp_path / name)
+    return files
 
 
-def test_entrypoint_starts_a_mutual_tls_coordinator(tmp_path: Path) -> None:
-    words = entrypoint(tmp_path, "coordinator", "num_rounds=2", TOKEN_FILE="/run/secrets/token", **TLS_ENV)
+def test_entrypoint_starts_a_mutual_tls_coordinator(tmp_path: Path, tls_env: dict[str, str]) -> None:
+    words = entrypoint(tmp_path, "coordinator", "num_rounds=2", TOKEN_FILE="/run/secrets/token", **tls_env)
     assert words.stdout.split() == [
         "-m", "server", "--config", "configs/minilm_bbc.yaml", "--address", "0.0.0.0:50051",
-        "--token-file", "/run/secrets/token", "--tls-ca", "/certs/ca.pem", "--tls-cert", "/certs/cert.pem",
-        "--tls-key", "/certs/key.pem", "num_rounds=2"]
+        "--token-file", "/run/secrets/token", "--tls-ca", tls_env["TLS_CA"], "--tls-cert", tls_env["TLS_CERT"],
+        "--tls-key", tls_env["TLS_KEY"], "num_rounds=2"]
 
 
-def test_entrypoint_tls_without_client_certificates(tmp_path: Path) -> None:
-    words = entrypoint(tmp_path, "coordinator", TLS_REQUIRE_CLIENT_CERT="0", **TLS_ENV).stdout.split()
+def test_entrypoint_tls_without_client_certificates(tmp_path: Path, tls_env: dict[str, str]) -> None:
+    words = entrypoint(tmp_path, "coordinator", TLS_REQUIRE_CLIENT_CERT="0", **tls_env).stdout.split()
     assert "--tls-cert" in words and "--tls-ca" not in words
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"TLS_CERT": "/c.pem", "TLS_KEY": "/k.pem"}, "TLS_CERT without TLS_CA"),
-    ({**TLS_ENV, "TLS_REQUIRE_CLIENT_CERT": "maybe"}, "use 1 or 0"),
+@pytest.mark.parametrize("role, change, message", [
+    ("coordinator", {"TLS_CA": ""}, "TLS_CERT without TLS_CA"),
+    ("coordinator", {"TLS_REQUIRE_CLIENT_CERT": "maybe"}, "use 1 or 0"),
+    # a key the container's user cannot read (here: one that is not there), before Python stumbles on it
+    ("coordinator", {"TLS_KEY": "/nonexistent/key.pem"}, "/nonexistent/key.pem is missing or not readable"),
+    ("client", {"TLS_KEY": "/nonexistent/key.pem"}, "make certs KEY_UID="),
 ])
-def test_entrypoint_refuses_a_coordinator_tls_setup_the_probe_cannot_check(tmp_path: Path, env, message) -> None:
-    result = entrypoint(tmp_path, "coordinator", **env)
-    assert result.returncode == 2 and message in result.stderr and not result.stdout
+def test_entrypoint_refuses_a_tls_setup_that_cannot_work(tmp_path: Path, tls_env: dict[str, str], role: str,
+                                                          change: dict[str, str], message: str) -> None:
+    result = entrypoint(tmp_path, role, **{**tls_env, **change})
+    assert result.returncode == 2 and message in result.stderr and not result.stdout, result
 
 
-def test_entrypoint_gives_a_client_its_certificate_and_the_token_file(tmp_path: Path) -> None:
+def test_entrypoint_gives_a_client_its_certificate_and_the_token_file(tmp_path: Path, tls_env: dict[str, str]) -> None:
     words = entrypoint(tmp_path, "client", "--patience", "9", CLIENT_NAME="client-1", TOKEN_FILE="/t",
-                       **TLS_ENV).stdout.split()
+                       **tls_env).stdout.split()
     assert words == ["-m", "client", "--coordinator", "coordinator:50051", "--name", "client-1", "--device", "cpu",
-                     "--tls-ca", "/certs/ca.pem", "--tls-cert", "/certs/cert.pem", "--tls-key", "/certs/key.pem",
+                     "--tls-ca", tls_env["TLS_CA"], "--tls-cert", tls_env["TLS_CERT"], "--tls-key", tls_env["TLS_KEY"],
                      "--token-file", "/t", "--patience", "9"]
     plain = entrypoint(tmp_path, "client", CLIENT_NAME="client-1", TLS_CA="", TLS_CERT="").stdout.split()
     assert not any(word.startswith(("--tls", "--token")) for word in plain)
