@@ -380,8 +380,8 @@ def check_tls_required(name: str, service: dict[str, Any]) -> list[str]:
     unset = [variable for variable in TLS_FILES
              if not REQUIRED.search(files.get(environment(service).get(variable, ""), ""))]
     if unset:
-        return [f"service {name}: the files of {', '.join(unset)} do not come from a required variable "
-                "(${CERTS_DIR:?...}): without it compose would start without TLS"]
+        return [(f"service {name}: the files of {', '.join(unset)} do not come from a required variable "
+                 "(${CERTS_DIR:?...}): without it compose would start without TLS")]
     return []
 
 
