@@ -38,7 +38,8 @@ help:
 	@echo "              (bench.transport), round overhead (bench.round_overhead), 1,000 clients (bench.scale),"
 	@echo "              then one summary table (bench.summary); QUICK=1 for every benchmark's --quick"
 	@echo "make proto    regenerate the committed gRPC code (proto/federation_pb2*) from proto/federation.proto"
-	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS)"
+	@echo "make certs    a development CA and coordinator/client certificates in certs/ (TLS, mutual TLS);"
+	@echo "              SERVER_NAMES=a,b CERT_CLIENTS=N|names CERTS_DIR=dir KEY_UID=10001 (for Docker)"
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-models.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -92,8 +93,16 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m bench.client_memory $(if $(QUICK),--quick) | tee runs/bench/client_memory.log
 	$(PYTHON) -m bench.summary
 
+# CERTS_DIR, SERVER_NAMES, CERT_CLIENTS (a number: client-0..N-1, or names a,b,c) and KEY_UID (also let
+# that uid read the keys, e.g. 10001, the image's user: README, "TLS in Docker"). The defaults are
+# variables: inside $(or ...) the commas of a literal list would split it (the certificate was once
+# issued for localhost alone that way).
+CERTS_DIR ?= certs
+SERVER_NAMES ?= localhost,127.0.0.1,::1,coordinator
+CERT_CLIENTS ?= 4
+KEY_UID ?=
 certs:
-	bash scripts/make_certs.sh certs $(or $(SERVER_NAMES),localhost,127.0.0.1,::1,coordinator) $(or $(CERT_CLIENTS),3)
+	KEY_UID=$(KEY_UID) bash scripts/make_certs.sh "$(CERTS_DIR)" "$(SERVER_NAMES)" "$(CERT_CLIENTS)"
 
 # A real Docker engine of its own (root; Debian's docker.io, docker-compose and debootstrap are installed
 # if missing), a base image made with debootstrap, an offline build, a 2-round compose federation.

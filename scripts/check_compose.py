@@ -2,15 +2,17 @@
 
     python scripts/check_compose.py [--root DIR]
 
-It reads docker-compose.yml (alone and merged with docker-compose.gpu.yml), the
-per-host files docker/compose.coordinator.yml and docker/compose.client-gpu.yml,
+It reads docker-compose.yml (alone and merged with docker-compose.gpu.yml or with
+docker-compose.tls.yml), the per-host files docker/compose.coordinator.yml and docker/compose.client-gpu.yml,
 docker/Dockerfile and .dockerignore, and checks the structure the README promises:
 one image for every role, a coordinator with a health check and the run outputs on
 a volume, clients that start once the coordinator is healthy and restart on failure,
 num_clients matching the client services, the model cache on a volume, in the GPU
 variant each client's GPUs by device id: one, or NPROC_PER_CLIENT for a client that runs
-as a torchrun job (DEVICE=cuda, started so by docker/entrypoint.sh). Needs only Python and PyYAML; exits 1 and
-lists every problem found.
+as a torchrun job (DEVICE=cuda, started so by docker/entrypoint.sh); mutual TLS in the TLS variant and in
+the per-host files (TLS_CA, TLS_CERT and TLS_KEY on read-only bind mounts, never ca.key, client certificates
+required, each client its own certificate, no cleartext token), and the published port refused without
+certificates (${CERTS_DIR:?...}). Needs only Python and PyYAML; exits 1 and lists every problem found.
 """
 
 from __future__ import annotations
@@ -68,11 +70,16 @@ def load_compose(path: Path, env: dict[str, str] | None = None) -> dict[str, Any
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`docker compose -f base -f override`, for what these checks read: mappings merge, other values replace."""
+    """`docker compose -f base -f override`, for what these checks read: mappings merge, volumes merge by their
+    container path, other values replace."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if key == "environment" and key in merged:
             merged[key] = {**environment(merged), **environment({"environment": value})}
+        elif key == "volumes" and isinstance(value, list) and isinstance(merged.get(key), list):
+            by_target = {_volume_target(entry): entry for entry in merged[key]}
+            by_target.update({_volume_target(entry): copy.deepcopy(entry) for entry in value})
+            merged[key] = list(by_target.values())
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = merge(merged[key], value)
         else:
@@ -112,6 +119,26 @@ def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
                 mounts[parts[1]] = parts[0]
         elif isinstance(entry, dict) and "target" in entry:
             mounts[entry["target"]] = entry.get("source", "")
+    return mounts
+
+
+def _volume_target(entry: Any) -> str:
+    if isinstance(entry, dict):
+        return str(entry.get("target", ""))
+    parts = str(entry).split(":")
+    return parts[1] if len(parts) >= 2 else parts[0]
+
+
+def read_only_files(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path of the read-only bind mounts (short syntax `:ro`, long `read_only: true`)."""
+    mounts = {}
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, str):
+            parts = entry.split(":")
+            if len(parts) >= 3 and "ro" in parts[2].split(","):
+                mounts[parts[1]] = parts[0]
+        elif isinstance(entry, dict) and entry.get("type") == "bind" and entry.get("read_only") is True:
+            mounts[str(entry.get("target", ""))] = str(entry.get("source", ""))
     return mounts
 
 
@@ -265,6 +292,55 @@ def check_entrypoint(text: str) -> list[str]:
             "torch.distributed.run (torchrun)"]
 
 
+TLS_FILES = ("TLS_CA", "TLS_CERT", "TLS_KEY")
+REQUIRED = re.compile(r"<(?P<name>[A-Za-z_][A-Za-z0-9_]*) required>")   # interpolate()'s mark of an unset ${X:?}
+
+
+def check_tls(name: str, service: dict[str, Any], coordinator: bool) -> list[str]:
+    """Mutual TLS in one service: TLS_CA, TLS_CERT and TLS_KEY (docker/entrypoint.sh) name files that are
+    read-only bind mounts, never the CA's key; a coordinator requires client certificates; a client does not
+    send its token in cleartext."""
+    problems = []
+    env, files = environment(service), read_only_files(service)
+    for variable in TLS_FILES:
+        path = env.get(variable, "")
+        if not path:
+            problems.append(f"service {name}: {variable} is not set (docker/entrypoint.sh passes it as "
+                            f"--{variable.lower().replace('_', '-')})")
+        elif path not in files:
+            problems.append(f"service {name}: {variable}={path} is not a read-only bind mount (`:ro` or "
+                            "read_only: true)")
+    if any(Path(source).name == "ca.key" for source in files.values()):
+        problems.append(f"service {name}: mounts ca.key; the CA's key signs certificates and stays on the host")
+    if coordinator and env.get("TLS_REQUIRE_CLIENT_CERT", "1") not in ("1", "true", "yes"):
+        problems.append(f"service {name}: TLS_REQUIRE_CLIENT_CERT={env['TLS_REQUIRE_CLIENT_CERT']!r}; mutual TLS "
+                        "requires client certificates (1)")
+    if not coordinator and "--allow-insecure-token" in command_words(service):
+        problems.append(f"service {name}: --allow-insecure-token with TLS; drop it, the token travels encrypted")
+    return problems
+
+
+def check_tls_federation(doc: dict[str, Any]) -> list[str]:
+    """docker-compose.yml + docker-compose.tls.yml: every service on mutual TLS, each client with its own
+    certificate, the coordinator's health check not switched off (it speaks TLS)."""
+    services = doc.get("services") or {}
+    problems = []
+    owners: dict[str, str] = {}
+    for name, service in services.items():
+        kind = role(service)
+        if kind not in ("coordinator", "client"):
+            continue
+        problems += check_tls(name, service, kind == "coordinator")
+        if kind == "client":
+            source = read_only_files(service).get(environment(service).get("TLS_CERT", ""))
+            if source and source in owners:
+                problems.append(f"services {owners[source]} and {name} present the same certificate {source}; "
+                                "give each client its own (make certs: client-1..3)")
+            if source:
+                owners[source] = name
+    return problems
+
+
 def check_host_files(coordinator_doc: dict[str, Any], client_doc: dict[str, Any],
                      dockerfile_health: bool = True) -> list[str]:
     """docker/compose.coordinator.yml, docker/compose.client-gpu.yml: coordinator and GPU clients on their own hosts."""
@@ -277,6 +353,10 @@ def check_host_files(coordinator_doc: dict[str, Any], client_doc: dict[str, Any]
                      for p in check_coordinator(coordinator_doc, name, service, dockerfile_health)]
         if not any(str(port).split(":")[-1].split("/")[0] == "50051" for port in service.get("ports") or []):
             problems.append("docker/compose.coordinator.yml: publish port 50051 for the remote clients")
+        # A published port carries the token and the adapters: mutual TLS, and compose refuses to start
+        # without the certificates (${CERTS_DIR:?...} in the mounts).
+        problems += [f"docker/compose.coordinator.yml: {p}" for p in check_tls(name, service, coordinator=True)]
+        problems += [f"docker/compose.coordinator.yml: {p}" for p in check_tls_required(name, service)]
     clients = {n: s for n, s in (client_doc.get("services") or {}).items() if role(s) == "client"}
     if not clients:
         problems.append("docker/compose.client-gpu.yml: no client service")
@@ -286,9 +366,23 @@ def check_host_files(coordinator_doc: dict[str, Any], client_doc: dict[str, Any]
         if not environment(service).get("COORDINATOR"):
             problems.append(f"docker/compose.client-gpu.yml: service {name}: COORDINATOR is not set")
         problems += [f"docker/compose.client-gpu.yml: {p}" for p in check_gpu_clients(client_doc, [name])]
+        problems += [f"docker/compose.client-gpu.yml: {p}" for p in check_tls(name, service, coordinator=False)]
+        problems += [f"docker/compose.client-gpu.yml: {p}" for p in check_tls_required(name, service)]
         problems += [f"docker/compose.client-gpu.yml: {p}"
                      for p in check_volume(client_doc, name, service, CACHE_TARGET, "model cache")]
     return problems
+
+
+def check_tls_required(name: str, service: dict[str, Any]) -> list[str]:
+    """Read from the file interpolated without any variable set: every TLS file's mount must come from a
+    required variable (${CERTS_DIR:?...}), so that compose refuses to start without certificates."""
+    files = read_only_files(service)
+    unset = [variable for variable in TLS_FILES
+             if not REQUIRED.search(files.get(environment(service).get(variable, ""), ""))]
+    if unset:
+        return [(f"service {name}: the files of {', '.join(unset)} do not come from a required variable "
+                 "(${CERTS_DIR:?...}): without it compose would start without TLS")]
+    return []
 
 
 def check_dockerfile(text: str) -> list[str]:
@@ -335,6 +429,9 @@ def check_repository(root: Path = ROOT) -> list[str]:
     clients = sorted(n for n, s in (gpu.get("services") or {}).items() if role(s) == "client")
     problems += [f"docker-compose.gpu.yml: {p}" for p in check_gpu_clients(gpu, clients)]
     problems += [f"docker-compose.gpu.yml (merged): {p}" for p in check_local_federation(gpu, has_health)]
+    tls = merge(base, load_compose(root / "docker-compose.tls.yml"))
+    problems += [f"docker-compose.tls.yml (merged): {p}" for p in check_local_federation(tls, has_health)]
+    problems += [f"docker-compose.tls.yml (merged): {p}" for p in check_tls_federation(tls)]
     problems += check_host_files(load_compose(root / "docker" / "compose.coordinator.yml"),
                                  load_compose(root / "docker" / "compose.client-gpu.yml"), has_health)
     return problems
@@ -349,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"problem: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print("docker files OK: docker-compose.yml (+ docker-compose.gpu.yml), docker/compose.coordinator.yml, "
-          "docker/compose.client-gpu.yml, docker/Dockerfile, .dockerignore")
+    print("docker files OK: docker-compose.yml (+ docker-compose.gpu.yml, + docker-compose.tls.yml), "
+          "docker/compose.coordinator.yml, docker/compose.client-gpu.yml, docker/Dockerfile, .dockerignore")
     return 0
 
 

@@ -13,8 +13,13 @@
 #  5. builds the project image with `--network none`, installing only from the wheelhouse;
 #  6. brings the compose federation up (coordinator + 3 clients, health-gated) for 2 rounds
 #     of a tiny BERT created in the model-cache volume, waits for the coordinator to exit 0,
-#     and checks metrics.jsonl and summary.json in the runs volume;
-#  7. tears everything down: compose down -v (containers, network, volumes), dockerd, its
+#     and checks metrics.jsonl and summary.json in the runs volume; before that, `compose config`
+#     on every compose file (docker/compose.coordinator.yml must refuse to run without CERTS_DIR);
+#  7. the same over mutual TLS (docker-compose.tls.yml, certificates from scripts/make_certs.sh
+#     in docker/.build/certs with KEY_UID=the image's uid): the coordinator turns healthy through
+#     the TLS health probe, a client without a certificate is refused (exit 4), client-1..3 join
+#     with their own certificates, the run completes, its metrics are checked;
+#  8. tears everything down: compose down -v (containers, network, volumes), dockerd, its
 #     mounts and exec root. `rm -rf docker/.build` (or DOCKER_TEST_FRESH=1) forgets the caches.
 #
 # Needs root. Environment: PYTHON (host python, default python3), DEBIAN_MIRROR,
@@ -220,13 +225,31 @@ else
 fi
 compose() { "${COMPOSE[@]}" -p "$PROJECT" "$@"; }
 
+# Certificates for the TLS run (step 7), fresh each time: make certs' defaults (server names localhost,
+# 127.0.0.1, ::1, coordinator; client-0..3), the keys readable by the image's user as the README says (KEY_UID).
+CERTS=$CACHE/certs
+APP_UID=$("$DOCKER" run --rm --network none --entrypoint id "$IMAGE" -u)
+rm -rf "$CERTS"
+KEY_UID=$APP_UID bash scripts/make_certs.sh "$CERTS" > "$LOGS/certs.log" 2>&1 \
+    || { cat "$LOGS/certs.log"; die "make_certs.sh failed"; }
+log "certificates: $(sed "s|$ROOT/||" "$LOGS/certs.log")"
+
 for files in "-f docker-compose.yml" "-f docker-compose.yml -f docker-compose.gpu.yml" \
+             "-f docker-compose.yml -f docker-compose.tls.yml" \
              "-f docker/compose.coordinator.yml" "-f docker/compose.client-gpu.yml"; do
     # shellcheck disable=SC2086
-    COORDINATOR=coordinator-host:50051 CLIENT_NAME=gpu-host-0 "${COMPOSE[@]}" $files config -q \
+    CERTS_DIR=$CERTS COORDINATOR=coordinator-host:50051 CLIENT_NAME=gpu-host-0 "${COMPOSE[@]}" $files config -q \
         || die "compose rejects $files"
 done
-log "compose config valid: docker-compose.yml, + docker-compose.gpu.yml, docker/compose.{coordinator,client-gpu}.yml"
+# The published coordinator refuses to start without certificates (TLS is required on a published port).
+if refusal=$(env -u CERTS_DIR "${COMPOSE[@]}" -f docker/compose.coordinator.yml config -q 2>&1); then
+    die "docker/compose.coordinator.yml accepted a configuration without CERTS_DIR"
+fi
+case "$refusal" in *"set CERTS_DIR to the folder make certs wrote"*) ;;
+    *) printf '%s\n' "$refusal"; die "docker/compose.coordinator.yml without CERTS_DIR: not the expected message";; esac
+log "compose config valid: docker-compose.yml, + docker-compose.gpu.yml, + docker-compose.tls.yml," \
+    "docker/compose.{coordinator,client-gpu}.yml; docker/compose.coordinator.yml without CERTS_DIR refused:" \
+    "...${refusal##*: }"
 
 # The compose file's own build section, through the same engine: every step must come from the
 # cache of the --network none build above, which shows that both build the same image.
@@ -252,33 +275,33 @@ print(create_tiny_bert('$MODEL', num_labels=5, seed=42))" > "$LOGS/tiny-model.lo
         || { tail -n 20 "$LOGS/tiny-model.log"; die "could not create the tiny model"; }
 fi
 
-log "compose up -d: coordinator, then client-1..3 once it is healthy ($METHOD, $ROUNDS rounds, model $MODEL)"
-compose up -d --no-build 2>&1 | sed 's/^/    /'
-coordinator=$(compose ps -q coordinator)
-log "coordinator health: $("$DOCKER" inspect "$coordinator" --format '{{.State.Health.Status}}'); network" \
-    "${PROJECT}_federation $("$DOCKER" network inspect "${PROJECT}_federation" \
-        --format '{{.Driver}} {{range .IPAM.Config}}{{.Subnet}}{{end}}') (no NAT, no routes out)"
-code=$(timeout "$FED_TIMEOUT" "$DOCKER" wait "$coordinator") \
-    || { compose logs --no-color --tail 30; die "the run did not finish within $FED_TIMEOUT s"; }
-compose logs --no-color > "$LOGS/compose.log" 2>&1 || true
-grep -E '^coordinator.*(listening on|clients joined|round [0-9]+/[0-9]+|round [0-9]+ done)' "$LOGS/compose.log" \
-    | cut -c1-150 | head -n 20 | sed 's/^/    /' || true
-[ "$code" = 0 ] || { tail -n 40 "$LOGS/compose.log"; die "the coordinator exited with $code"; }
-log "coordinator exited 0"
-for service in client-1 client-2 client-3; do
-    cid=$(compose ps -q "$service")
-    client_code=$(timeout 120 "$DOCKER" wait "$cid") || die "$service did not exit within 120 s of the coordinator"
-    # Health.Status reads "unhealthy" once a container has stopped (Docker sets it so on exit);
-    # the probes' own results while it ran are in Health.Log.
-    restarts=$("$DOCKER" inspect "$cid" --format '{{.RestartCount}}; health probes while running, exit codes:{{range .State.Health.Log}} {{.ExitCode}}{{end}}')
-    [ "$client_code" = 0 ] \
-        || { grep "^$service" "$LOGS/compose.log" | tail -n 30; die "$service exited with $client_code"; }
-    log "$service exited 0 (restarts: $restarts)"
-done
-
-log "metrics in the volume $RUNS_VOLUME ($RUN_DIR)"
-"$DOCKER" run --rm -i --network none -v "$RUNS_VOLUME:/app/runs:ro" --entrypoint python "$IMAGE" - \
-    "$RUN_DIR" "$ROUNDS" <<'EOF'
+check_clients() {                         # check_clients COMPOSE_FUNCTION: every client exited 0
+    local service cid client_code restarts
+    for service in client-1 client-2 client-3; do
+        cid=$("$1" ps -q "$service")
+        client_code=$(timeout 120 "$DOCKER" wait "$cid") || die "$service did not exit within 120 s of the coordinator"
+        # Health.Status reads "unhealthy" once a container has stopped (Docker sets it so on exit);
+        # the probes' own results while it ran are in Health.Log.
+        restarts=$("$DOCKER" inspect "$cid" --format '{{.RestartCount}}; health probes while running, exit codes:{{range .State.Health.Log}} {{.ExitCode}}{{end}}')
+        [ "$client_code" = 0 ] \
+            || { grep "^$service" "$LOGS/compose.log" | tail -n 30; die "$service exited with $client_code"; }
+        log "$service exited 0 (restarts: $restarts)"
+    done
+}
+wait_coordinator() {                      # wait_coordinator CONTAINER COMPOSE_FUNCTION: it exits 0; its log lines
+    local code
+    code=$(timeout "$FED_TIMEOUT" "$DOCKER" wait "$1") \
+        || { "$2" logs --no-color --tail 30; die "the run did not finish within $FED_TIMEOUT s"; }
+    "$2" logs --no-color > "$LOGS/compose.log" 2>&1 || true
+    grep -E '^coordinator.*(listening on|clients joined|round [0-9]+/[0-9]+|round [0-9]+ done)' "$LOGS/compose.log" \
+        | cut -c1-150 | head -n 20 | sed 's/^/    /' || true
+    [ "$code" = 0 ] || { tail -n 40 "$LOGS/compose.log"; die "the coordinator exited with $code"; }
+    log "coordinator exited 0"
+}
+check_run() {                             # check_run RUN_DIR: metrics.jsonl and summary.json in the runs volume
+    log "metrics in the volume $RUNS_VOLUME ($1)"
+    "$DOCKER" run --rm -i --network none -v "$RUNS_VOLUME:/app/runs:ro" --entrypoint python "$IMAGE" - \
+        "$1" "$ROUNDS" <<'EOF'
 import json, math, sys
 from pathlib import Path
 
@@ -296,5 +319,53 @@ assert (run_dir / "adapters" / "best").is_dir(), "adapters/best missing"
 print(f"    summary: best accuracy {summary.get('best_accuracy')} (round {summary.get('best_round')}), "
       f"files: {', '.join(sorted(p.name for p in run_dir.iterdir()))}")
 EOF
+}
+
+log "compose up -d: coordinator, then client-1..3 once it is healthy ($METHOD, $ROUNDS rounds, model $MODEL)"
+compose up -d --no-build 2>&1 | sed 's/^/    /'
+coordinator=$(compose ps -q coordinator)
+log "coordinator health: $("$DOCKER" inspect "$coordinator" --format '{{.State.Health.Status}}'); network" \
+    "${PROJECT}_federation $("$DOCKER" network inspect "${PROJECT}_federation" \
+        --format '{{.Driver}} {{range .IPAM.Config}}{{.Subnet}}{{end}}') (no NAT, no routes out)"
+wait_coordinator "$coordinator" compose
+check_clients compose
+check_run "$RUN_DIR"
 log "federation in Docker: OK"
+
+# ------------------------------------------------------------------ 7. the same federation over mutual TLS
+# docker-compose.tls.yml on top: the certificates of $CERTS mounted read-only, the coordinator requires client
+# certificates and its health probe speaks TLS, each client presents its own certificate.
+compose down --timeout 10 > "$LOGS/down.log" 2>&1 || { tail -n 5 "$LOGS/down.log"; die "compose down failed"; }
+export CERTS_DIR=$CERTS RUN_DIR=/app/runs/docker-test-tls
+compose_tls() { compose -f docker-compose.yml -f docker-compose.tls.yml "$@"; }
+log "TLS: compose up -d coordinator (docker-compose.yml + docker-compose.tls.yml, CERTS_DIR=docker/.build/certs)"
+compose_tls up -d --no-build coordinator 2>&1 | sed 's/^/    /'
+coordinator=$(compose_tls ps -q coordinator)
+health=starting
+for _ in $(seq 150); do
+    health=$("$DOCKER" inspect "$coordinator" --format '{{.State.Health.Status}}')
+    [ "$health" = starting ] || break
+    sleep 2
+done
+probe_said() { "$DOCKER" inspect "$coordinator" --format '{{range .State.Health.Log}}{{.Output}}{{end}}' | grep -v '^$' | tail -n "$1"; }
+[ "$health" = healthy ] \
+    || { compose_tls logs --no-color --tail 20 coordinator; probe_said 3; die "TLS: the coordinator is $health, not healthy"; }
+log "TLS: coordinator healthy; its health probe: $(probe_said 1)"
+# A client without a certificate is refused in the handshake: exit 4 with the reason, at once.
+set +e
+refused=$(compose_tls run --rm --no-deps -T -e TLS_CERT= -e TLS_KEY= -e CLIENT_NAME=no-certificate client-1 \
+    client --patience 60 2>&1)
+refused_code=$?
+set -e
+printf '%s\n' "$refused" > "$LOGS/tls-refused.log"
+{ [ "$refused_code" = 4 ] && grep -q 'requires a client certificate' "$LOGS/tls-refused.log"; } \
+    || { tail -n 10 "$LOGS/tls-refused.log"; die "TLS: a client without a certificate was not refused (exit $refused_code)"; }
+log "TLS: a client without a certificate exits 4: $(grep -o 'TLS with .*' "$LOGS/tls-refused.log" | head -n 1 | cut -c1-160)"
+log "TLS: compose up -d: client-1..3, each with its own certificate"
+compose_tls up -d --no-build 2>&1 | sed 's/^/    /'
+wait_coordinator "$coordinator" compose_tls
+grep -q '^coordinator.*listening on .* with TLS' "$LOGS/compose.log" || die "TLS: the coordinator did not listen with TLS"
+check_clients compose_tls
+check_run "$RUN_DIR"
+log "federation in Docker over mutual TLS: OK"
 "$DOCKER" image prune -f > /dev/null      # images that earlier builds left untagged

@@ -1,9 +1,12 @@
 """The Docker files, checked statically (no Docker needed): scripts/check_compose.py on this checkout,
-and each of its checks catching the mistake it exists for."""
+and each of its checks catching the mistake it exists for; where a compose CLI is installed, also
+compose's own refusal of the published coordinator without certificates (skipped otherwise)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -179,3 +182,108 @@ def test_dockerfile_mistakes_are_caught(label: str, mutate, message: str) -> Non
     assert cc.check_dockerfile(text) == []
     problems = cc.check_dockerfile(mutate(text))
     assert any(message in problem for problem in problems), (label, problems)
+
+
+# --------------------------------------------------------------------------- TLS
+@pytest.fixture(scope="module")
+def tls(base: dict) -> dict:
+    return cc.merge(base, cc.load_compose(ROOT / "docker-compose.tls.yml"))
+
+
+def test_tls_variant_gives_every_service_its_own_read_only_files(tls: dict) -> None:
+    assert cc.check_tls_federation(tls) == [] and cc.check_local_federation(tls) == []
+    services = tls["services"]
+    coordinator = cc.read_only_files(services["coordinator"])
+    assert coordinator == {"/certs/ca.pem": "./certs/ca.pem", "/certs/cert.pem": "./certs/server.pem",
+                           "/certs/key.pem": "./certs/server.key"}
+    for name in ("client-1", "client-2", "client-3"):
+        files = cc.read_only_files(services[name])
+        assert (files["/certs/cert.pem"], files["/certs/key.pem"]) == (f"./certs/{name}.pem", f"./certs/{name}.key")
+        assert cc.command_words(services[name]) == ["client"]          # no --allow-insecure-token
+        assert cc.volume_mounts(services[name])["/cache"] == "model-cache"   # the base file's volumes survive
+    assert cc.volume_mounts(services["coordinator"])["/app/runs"] == "runs"
+
+
+def test_certs_dir_moves_every_certificate() -> None:
+    doc = cc.merge(cc.load_compose(ROOT / "docker-compose.yml"),
+                   cc.load_compose(ROOT / "docker-compose.tls.yml", {"CERTS_DIR": "/srv/pki"}))
+    sources = [source for service in doc["services"].values() for source in cc.read_only_files(service).values()]
+    assert len(sources) == 12 and all(source.startswith("/srv/pki/") for source in sources)
+
+
+def _tls_volume(service: str, target: str, source: str, read_only: bool = True) -> Callable[[dict], None]:
+    def mutate(doc: dict) -> None:
+        volumes = doc["services"][service]["volumes"]
+        volumes[:] = [v for v in volumes if not (isinstance(v, dict) and v.get("target") == target)]
+        volumes.append({"type": "bind", "source": source, "target": target, "read_only": read_only})
+    return mutate
+
+
+TLS_MISTAKES = [
+    ("key writable", _tls_volume("coordinator", "/certs/key.pem", "./certs/server.key", read_only=False),
+     "TLS_KEY=/certs/key.pem is not a read-only bind mount"),
+    ("CA key mounted", _tls_volume("client-2", "/certs/ca.key", "./certs/ca.key"), "mounts ca.key"),
+    ("client certificates optional", _set(["services", "coordinator", "environment", "TLS_REQUIRE_CLIENT_CERT"], "0"),
+     "requires client certificates"),
+    ("client without a CA", _drop(["services", "client-3", "environment", "TLS_CA"]), "TLS_CA is not set"),
+    ("cleartext token allowed", _set(["services", "client-1", "command"], "client --allow-insecure-token"),
+     "--allow-insecure-token"),
+    ("shared client certificate", _tls_volume("client-2", "/certs/cert.pem", "./certs/client-1.pem"),
+     "same certificate"),
+]
+
+
+@pytest.mark.parametrize("label, mutate, message", TLS_MISTAKES, ids=[m[0] for m in TLS_MISTAKES])
+def test_tls_mistakes_are_caught(tls: dict, label: str, mutate, message: str) -> None:
+    doc = copy.deepcopy(tls)
+    mutate(doc)
+    problems = cc.check_tls_federation(doc)
+    assert any(message in problem for problem in problems), (label, problems)
+
+
+def test_a_published_coordinator_without_tls_is_caught() -> None:
+    coordinator = cc.load_compose(ROOT / "docker" / "compose.coordinator.yml")
+    client = cc.load_compose(ROOT / "docker" / "compose.client-gpu.yml")
+    assert cc.check_host_files(coordinator, client) == []
+    # certificates from a default path: compose would start (and publish the port) without CERTS_DIR
+    fixed = copy.deepcopy(coordinator)
+    for volume in fixed["services"]["coordinator"]["volumes"]:
+        if isinstance(volume, dict):
+            volume["source"] = volume["source"].replace("<CERTS_DIR required>", "./certs")
+    assert any("required variable" in p for p in cc.check_host_files(fixed, client))
+    # the port published in plaintext, as before
+    plain = copy.deepcopy(coordinator)
+    for variable in cc.TLS_FILES:
+        del plain["services"]["coordinator"]["environment"][variable]
+    problems = cc.check_host_files(plain, client)
+    assert any("TLS_CERT is not set" in p for p in problems), problems
+    remote = copy.deepcopy(client)
+    remote["services"]["client"]["command"] = "client --allow-insecure-token"
+    assert any("--allow-insecure-token" in p for p in cc.check_host_files(coordinator, remote))
+
+
+def _compose_cli() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
+                                                 timeout=30, check=False).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+def test_compose_itself_refuses_the_published_coordinator_without_certs_dir(tmp_path: Path) -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither docker-compose nor docker compose is installed")
+    env = {key: value for key, value in os.environ.items() if key not in ("CERTS_DIR", "COMPOSE_FILE")}
+
+    def config(path: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, "-f", path, "config", "-q"], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    refused = config("docker/compose.coordinator.yml")
+    assert refused.returncode != 0
+    assert "set CERTS_DIR to the folder make certs wrote" in refused.stderr
+    assert config("docker/compose.coordinator.yml", CERTS_DIR=str(tmp_path)).returncode == 0
+    remote = config("docker/compose.client-gpu.yml", COORDINATOR="coord.example:50051", CLIENT_NAME="gpu-a-0")
+    assert remote.returncode != 0 and "set CERTS_DIR" in remote.stderr
