@@ -621,6 +621,7 @@ class Coordinator:
             self._global = closed.new_global
             self._method_state = closed.method_state
             self._completed_rounds = round_index
+            self._phase = "waiting_for_clients"      # committed: next, the next round samples its clients
             self._participation.update(update.client for _, update, _ in self._round.reported())
             self._round_durations.append(time.monotonic() - self._round_started)
         keep = self.config.federation.keep_last_adapters

@@ -91,5 +91,8 @@ def main(argv: list[str]) -> int:
         print(f"error: no status from {args.coordinator}: {error.code().name}: {error.details()}",
               file=sys.stderr)
         return 1
-    print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status))
+    try:
+        print(json.dumps(status.to_dict(), indent=2) if args.json else format_status(status), flush=True)
+    except BrokenPipeError:        # piped into head or a closed reader: nothing left to tell, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # so exit's own flush stays quiet
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from tests.server.conftest import small_state, start_live_coordinator
 from tests.server.test_rounds import _wait_round
 
 TOKEN = "s3cret"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _status(live, capsys, *extra: str) -> dict:
@@ -60,6 +64,14 @@ def test_status_follows_a_run_round_by_round(tmp_path, capsys, monkeypatch):
         table = capsys.readouterr().out
         assert "method fedavg" in table and "round 2/2 (1 committed), phase training" in table
         assert "client" in table and "keep-alive" in table and sampled_name in table
+
+        # Piped into a reader that is already gone (`| head`): exit 0 and nothing on stderr, no traceback.
+        command = [sys.executable, "-m", "server", "status", "--coordinator", live.address, "--json",
+                   "--allow-insecure-token"]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+        process.stdout.close()      # before the child has printed anything: its write finds no reader
+        _, err = process.communicate(timeout=120)
+        assert (process.returncode, err.decode()) == (0, "")
 
         # Same authentication as every other call: a wrong token gets no status.
         monkeypatch.setenv("SUBSPACEFL_TOKEN", "wrong")
