@@ -10,12 +10,13 @@ Shapes (RoBERTa-large, LoRA r = 8 on query, key, value and every dense): 24 laye
 Timed side by side in one run:
 - aggregation: the subspace_reg server step (common.aggregation, layers batched by shape) vs the dense
   reference (tests/common/dense_reference.py: form each d x k product, full torch.linalg.svd), K = 3 and 10;
-- regularizer forward + backward, per training step: common.regularizer.SubspaceRegularizer (the round's
-  reference prepared once, as a client does) vs the dense formula with its constant s B_g A_g formed once;
-  and as one call from scratch (subspace_regularizer vs the dense formula as written).
+- regularizer forward + backward as one call from scratch (common.regularizer.subspace_regularizer vs the
+  dense formula as written: the target's pair); and per training step, the stricter pair:
+  SubspaceRegularizer (the round's reference prepared once, as a client does) vs the dense formula with
+  its constant s B_g A_g formed once.
 
 Targets (issue 14, item 5), each a ratio of the two sides of this run: regularizer forward + backward
-per step >= 100x the dense formula, aggregation at K = 10 >= 300x; the relative differences stay at rounding.
+(one call) >= 100x the dense formula, aggregation at K = 10 >= 300x; the relative differences stay at rounding.
 The last line printed is one JSON object with the headline figures and whether each target is met.
 """
 
@@ -151,9 +152,10 @@ def bench_regularizer(shapes: dict[str, tuple[int, int]], repeats: int, dense_pe
                       seed: int) -> dict[str, float | int]:
     """Forward + backward of R, two ways on each side, all in this run:
 
-    - per step (the figure of the target): what a client repeats at every training step of a round,
-      the reference prepared once (``SubspaceRegularizer``; the dense side keeps s B_g A_g);
-    - one call: everything from scratch (``subspace_regularizer``; the dense formula as written).
+    - one call (the figure of the target, as issue 14 states it): everything from scratch
+      (``subspace_regularizer`` against the dense formula as written);
+    - per step, the stricter pair: what a client repeats at every training step of a round, the
+      reference prepared once (``SubspaceRegularizer``) against the dense formula keeping s B_g A_g.
     """
     gen = torch.Generator().manual_seed(seed)
     reference = random_state(gen, shapes, b_scale=0.02).lora
@@ -250,10 +252,12 @@ def main() -> None:
         "aggregation_speedup": k3["speedup"],  # type: ignore[index]
         "aggregation_k10_speedup": k10["speedup"],  # type: ignore[index]
         "aggregation_rel_error": max(summary[f"aggregation_k{k}"]["rel_error"] for k in (3, 10)),  # type: ignore[index]
-        "regularizer_speedup": reg["speedup"],
+        "regularizer_speedup": reg["one_call_speedup"],
+        "regularizer_step_speedup": reg["speedup"],
         "regularizer_rel_error": reg["rel_error"],
     })
-    measured = {"regularizer": (reg["speedup"], "regularizer forward + backward per step"),
+    # The target is the issue's measure: subspace_regularizer against the dense formula, one call each.
+    measured = {"regularizer": (reg["one_call_speedup"], "regularizer forward + backward (one call vs the dense formula)"),
                 "aggregation_k10": (k10["speedup"], "aggregation subspace_reg K = 10")}  # type: ignore[index]
     met = {}
     for key, (speedup, label) in measured.items():

@@ -69,3 +69,12 @@ def test_summary_tables_every_result_and_names_the_missing(capsys, tmp_path):
     assert "skipped: no gloo" in table and "client_overhead" in table and "0.93" in table
     assert "round_overhead" in table and "no result" in table
     assert summary.main(["--dir", str(tmp_path), "--only", "transport,distributed"]) == 0
+
+
+def test_summary_judges_the_math_targets_on_the_issue_s_measures():
+    """P1 on the one-call regularizer ratio (the per-step pair shown beside it), P2 on aggregation at K = 10."""
+    rows = summary._math({"regularizer_speedup": 109.7, "regularizer_step_speedup": 83.3,
+                          "aggregation_k10": {"speedup": 224.1}})
+    assert rows[0][0].startswith("math: regularizer") and "110x dense (83x per step)" in rows[0][1]
+    assert rows[1][0] == "math: aggregation K=10 (P2)" and rows[1][1] == "224x dense"
+    assert [row[3] for row in rows] == [summary._met(True), summary._met(False)]
