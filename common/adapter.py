@@ -7,7 +7,6 @@ A *layer* is the prefix before ``.lora_A.weight`` / ``.lora_B.weight``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,13 +30,6 @@ class LoraFactors:
     @property
     def rank(self) -> int:
         return self.A.shape[-2]
-
-
-def stack_factors(factors: Sequence[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor]:
-    """B_s = [B_1 .. B_K] (d, sum r_i) and A_s = [A_1; ..; A_K] (sum r_i, k): sum_i B_i A_i = B_s A_s, and a
-    weighted sum is B_s diag(w) A_s. The factored form of every sum of products (aggregation, metrics).
-    Leading dimensions (a stack of layers) are kept: (n, d, sum r_i) and (n, sum r_i, k)."""
-    return torch.cat([f.B for f in factors], dim=-1), torch.cat([f.A for f in factors], dim=-2)
 
 
 @dataclass(frozen=True)
