@@ -94,12 +94,12 @@ class PayloadProbe:
 
 def add_project_servicer(server: grpc.Server, layout: str, rank: int, threads: int = 1) -> None:
     """(In the server process.) The real servicer in front of a PayloadProbe."""
-    from proto import federation_pb2_grpc as pb_grpc
+    from proto.frames import add_coordinator_servicer
     from server.servicer import CoordinatorServicer
 
     torch.set_num_threads(threads)
 
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(PayloadProbe(layout, rank), ["bench"]), server)
+    add_coordinator_servicer(CoordinatorServicer(PayloadProbe(layout, rank), ["bench"]), server)
 
 
 def _project_round_trip(connection, expected: ExpectedTensors) -> tuple[float, float]:

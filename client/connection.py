@@ -20,11 +20,11 @@ import grpc
 import torch
 
 from client.tls_check import diagnose_tls, is_loopback, split_target
-from common.codec import CodecError, decode_tensors, encode_tensors
+from common.codec import CodecError, TensorSink, tensor_pieces
 from common.validation import ExpectedTensors, PayloadRejected
 from proto import AUTHORIZATION_KEY, KEEPALIVE_OPTIONS, PROTOCOL_VERSION, bearer
 from proto import federation_pb2 as pb
-from proto import federation_pb2_grpc as pb_grpc
+from proto.frames import ChunkView, FramedCoordinatorStub, chunk_of
 from proto.serde import PayloadAssembler, check_layout, parse_specs, payload_messages, specs_to_proto
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class CoordinatorConnection:
         credentials = security.channel_credentials()
         self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials
                         else grpc.insecure_channel(address, options=options))
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.stub = FramedCoordinatorStub(self.channel)
         self.metadata = ((AUTHORIZATION_KEY, bearer(security.token)),) if security.token else ()
         self.uses_tls = credentials is not None
         self._keepalive_stop = threading.Event()
@@ -273,10 +273,10 @@ class CoordinatorConnection:
             self.stub.GetTask(request, timeout=600, metadata=self.metadata), expected))
 
     @staticmethod
-    def _receive_task(stream: Iterator[pb.TaskMessage],
+    def _receive_task(stream: Iterator[ChunkView | pb.TaskMessage],
                       expected: ExpectedTensors | None) -> ReceivedTask | WaitHint:
         first = next(stream)
-        kind = first.WhichOneof("kind")
+        kind = "chunk" if chunk_of(first) is not None else first.WhichOneof("kind")
         if kind == "wait":
             return WaitHint(first.wait.reason)
         if kind == "finished":
@@ -293,38 +293,41 @@ class CoordinatorConnection:
             check_layout(specs, header.payload.total_bytes, limit)
         except (CodecError, PayloadRejected) as error:
             raise InvalidTask(f"task header from {sender} refused: {error}") from None
-        assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
+        sink = TensorSink(specs)              # the checked size, allocated once, written as chunks arrive
+        assembler = PayloadAssembler(header.payload.total_bytes, sink.write)
         try:
             for message in stream:
-                if message.WhichOneof("kind") == "chunk":
-                    assembler.add(message.chunk)
+                chunk = chunk_of(message)
+                if chunk is not None:
+                    assembler.add(chunk)
                 elif message.WhichOneof("kind") == "trailer":
-                    buffer = assembler.finish(message.trailer)
+                    assembler.finish(message.trailer)
                     break
             else:
                 raise CorruptTask(f"task stream for round {header.round} ended before its trailer "
                                   f"({assembler.received} of {header.payload.total_bytes} bytes)")
         except CodecError as error:
             raise CorruptTask(f"task for round {header.round} arrived damaged: {error}") from None
-        tensors = decode_tensors(specs, buffer)
+        tensors = sink.tensors()
         if expected is not None:
             try:
                 tensors = expected.check_values(tensors, sender)
             except PayloadRejected as error:
                 raise InvalidTask(str(error)) from None
-        return ReceivedTask(header.round, header.method, header.round_seed, tensors, len(buffer),
+        return ReceivedTask(header.round, header.method, header.round_seed, tensors, header.payload.total_bytes,
                             header.base_residual_round)
 
     def submit(self, client_id: str, round_index: int, num_examples: int, tensors: dict[str, torch.Tensor],
                train_loss: float, train_seconds: float, local_steps: int) -> pb.SubmitReply:
-        specs, buffer = encode_tensors(tensors)
+        specs, pieces = tensor_pieces(tensors)    # each tensor's memory, copied once, into its chunks
+        total_bytes = sum(len(piece) for piece in pieces)
 
         def messages() -> Iterator[pb.UpdateMessage]:
             yield pb.UpdateMessage(header=pb.UpdateHeader(
                 protocol_version=PROTOCOL_VERSION, client_id=client_id, round=round_index,
                 num_examples=num_examples, train_loss=train_loss, train_seconds=train_seconds,
-                local_steps=local_steps, payload=specs_to_proto(specs, len(buffer))))
-            yield from payload_messages(buffer, pb.UpdateMessage)
+                local_steps=local_steps, payload=specs_to_proto(specs, total_bytes)))
+            yield from payload_messages(pieces, pb.UpdateMessage)
 
         return self._with_retry("upload", lambda: self.stub.SubmitUpdate(messages(), timeout=600,
                                                                           metadata=self.metadata))

@@ -53,25 +53,70 @@ def _little_endian_view(tensor: torch.Tensor) -> np.ndarray:
     return raw
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], bytes]:
-    """Lay the tensors end to end in one buffer, in the dict's order."""
+def tensor_pieces(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], list[memoryview]]:
+    """The specs of the tensors laid end to end, in the dict's order, and each tensor's little-endian bytes
+    as a view of its own memory (no copy for contiguous tensors on a little-endian machine): what a sender
+    cuts into chunks without first joining them into one buffer."""
     specs: list[TensorSpec] = []
-    parts: list[np.ndarray] = []
+    pieces: list[memoryview] = []
     offset = 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise CodecError(f"tensor {name!r} has dtype {tensor.dtype}; supported: {', '.join(DTYPES)}")
         data = _little_endian_view(tensor)
         specs.append(TensorSpec(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), offset, data.nbytes))
-        parts.append(data)
+        pieces.append(memoryview(data))
         offset += data.nbytes
-    return specs, b"".join(parts)          # the one copy: join reads each tensor's memory in place
+    return specs, pieces
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[TensorSpec], bytes]:
+    """Lay the tensors end to end in one buffer, in the dict's order."""
+    specs, pieces = tensor_pieces(tensors)
+    return specs, b"".join(pieces)          # the one copy: join reads each tensor's memory in place
+
+
+class TensorSink:
+    """Tensors allocated from a payload's checked specs, written in place as its bytes arrive: a receiver
+    copies each byte once, from the message gRPC delivered straight into the tensor that keeps it, instead
+    of into a payload buffer and then out of it again (``decode_tensors``). ``specs`` must tile the payload
+    (proto/serde.py's check_layout); every tensor owns its memory."""
+
+    def __init__(self, specs: list[TensorSpec]) -> None:
+        self._specs = specs
+        self._tensors = {spec.name: torch.empty(spec.shape, dtype=DTYPES[spec.dtype]) for spec in specs}
+        ordered = sorted(specs, key=lambda spec: spec.offset)
+        self._starts = [spec.offset for spec in ordered]
+        self._views = [memoryview(self._tensors[spec.name].reshape(-1).view(torch.uint8).numpy()) for spec in ordered]
+        self._index = 0                               # the tensor the next byte goes to (bytes arrive in order)
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        """Copy ``data``, the payload's bytes from ``offset`` on, into the tensors it covers. Writes come in
+        order without gaps (the assembler checks offsets)."""
+        data = memoryview(data)
+        while len(data):
+            while self._starts[self._index] + len(self._views[self._index]) <= offset:
+                self._index += 1                      # past this tensor (or an empty one)
+            start = offset - self._starts[self._index]
+            size = min(len(data), len(self._views[self._index]) - start)
+            self._views[self._index][start: start + size] = data[:size]
+            data, offset = data[size:], offset + size
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors, in the specs' order, once every byte has been written."""
+        if _BIG_ENDIAN:
+            for spec in self._specs:
+                tensor = self._tensors[spec.name]
+                if tensor.numel() and tensor.element_size() > 1:
+                    raw = tensor.reshape(-1).view(torch.uint8).view(-1, tensor.element_size()).flip(1)
+                    self._tensors[spec.name] = raw.contiguous().view(tensor.dtype).reshape(spec.shape)
+        return {spec.name: self._tensors[spec.name] for spec in self._specs}
 
 
 def decode_tensors(specs: list[TensorSpec], buffer: bytes | bytearray) -> dict[str, torch.Tensor]:
     """Inverse of encode_tensors; validates every spec against the buffer first. Every tensor is a copy that
-    owns its memory (torch.save and safetensors refuse tensors that share one buffer); a ``bytearray`` (what
-    proto/serde.py's PayloadAssembler returns) is read in place, ``bytes`` are copied into one first."""
+    owns its memory (torch.save and safetensors refuse tensors that share one buffer); a ``bytearray`` is read
+    in place, ``bytes`` are copied into one first. (A receiver on the wire writes into a TensorSink instead.)"""
     validate_specs(specs, len(buffer))
     if not len(buffer):
         backing = torch.empty(0, dtype=torch.uint8)

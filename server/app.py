@@ -19,7 +19,7 @@ from common.partition import partition_stats
 from common.synthetic import synthetic_partition_sizes
 from common.tasks import load_task_data
 from proto import KEEPALIVE_OPTIONS
-from proto import federation_pb2_grpc as pb_grpc
+from proto.frames import add_coordinator_servicer
 from server.coordinator import Coordinator
 from server.global_model import ServerModel, SyntheticModel
 from server.outputs import RunDirectory
@@ -111,7 +111,7 @@ def start_grpc_server(coordinator: Coordinator, fingerprints: list[str], address
         *KEEPALIVE_OPTIONS,
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),   # accept the clients' 10 s pings
     ])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, fingerprints), server)
+    add_coordinator_servicer(CoordinatorServicer(coordinator, fingerprints), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = bind(server, address, security)

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 
 import grpc
 
-from common.codec import CodecError, decode_tensors
+import torch
+
+from common.codec import CodecError, TensorSink, TensorSpec
 from proto import PROTOCOL_VERSION
 from proto import federation_pb2 as pb
 from proto import federation_pb2_grpc as pb_grpc
+from proto.frames import ChunkView, chunk_of
 from proto.serde import PayloadAssembler, check_layout, parse_specs, payload_messages, specs_to_proto
 from server.coordinator import Coordinator, RunFinished, Task
 from server.rounds import UploadStats
@@ -78,17 +81,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                           specs, header.payload.total_bytes)
             check_layout(specs, header.payload.total_bytes, self.coordinator.max_payload_bytes)
             with self.coordinator.upload_slot(record):
-                buffer = self._receive_payload(header, request_iterator)
-                tensors = decode_tensors(specs, buffer)
+                tensors = self._receive_payload(header, specs, request_iterator)
                 self.coordinator.submit(record, header.round, tensors, UploadStats(
                     train_loss=header.train_loss, train_seconds=header.train_seconds,
-                    local_steps=header.local_steps, payload_bytes=len(buffer)))
+                    local_steps=header.local_steps, payload_bytes=header.payload.total_bytes))
         except CodecError as error:
             _abort(context, BadRequest(str(error)))
         except CoordinatorError as error:
             _abort(context, error)
         return pb.SubmitReply(message=f"round {header.round} update accepted",
-                              bytes_received=len(buffer))
+                              bytes_received=header.payload.total_bytes)
 
     def KeepAlive(self, request_iterator: Iterator[pb.Heartbeat], context: grpc.ServicerContext) -> pb.KeepAliveReply:
         client_id = ""
@@ -122,26 +124,30 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.StatusReply(**{**vars(status), "clients": clients})
 
     @staticmethod
-    def _read_header(messages: Iterator[pb.UpdateMessage]) -> pb.UpdateHeader:
+    def _read_header(messages: Iterator[ChunkView | pb.UpdateMessage]) -> pb.UpdateHeader:
         first = next(messages, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or chunk_of(first) is not None or first.WhichOneof("kind") != "header":
             raise BadRequest("an upload must start with an UpdateHeader")
         _check_version(first.header.protocol_version)
         return first.header
 
     @staticmethod
-    def _receive_payload(header: pb.UpdateHeader, messages: Iterator[pb.UpdateMessage]) -> bytearray:
-        """Chunks, in order, then the trailer with the digest."""
-        assembler = PayloadAssembler(total_bytes=header.payload.total_bytes)
+    def _receive_payload(header: pb.UpdateHeader, specs: list[TensorSpec],
+                         messages: Iterator[ChunkView | pb.UpdateMessage]) -> dict[str, torch.Tensor]:
+        """Chunks, in order, written straight into the tensors of the checked ``specs``, then the trailer with
+        the digest; the tensors once it matches."""
+        sink = TensorSink(specs)
+        assembler = PayloadAssembler(header.payload.total_bytes, sink.write)
         for message in messages:
-            kind = message.WhichOneof("kind")
             try:
-                if kind == "chunk":
-                    assembler.add(message.chunk)
-                elif kind == "trailer":
-                    return assembler.finish(message.trailer)
+                chunk = chunk_of(message)
+                if chunk is not None:
+                    assembler.add(chunk)
+                elif message.WhichOneof("kind") == "trailer":
+                    assembler.finish(message.trailer)
+                    return sink.tensors()
                 else:
-                    raise BadRequest(f"unexpected {kind!r} message inside an upload")
+                    raise BadRequest(f"unexpected {message.WhichOneof('kind')!r} message inside an upload")
             except CodecError as error:
                 raise CorruptPayload(str(error)) from None
         raise CorruptPayload(f"upload stream ended without a trailer after {assembler.received} of "
