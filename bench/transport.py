@@ -8,11 +8,13 @@ One gRPC server in a child process on 127.0.0.1 (port 0; the coordinator's gRPC 
 
 - *project*: the real ``server.servicer.CoordinatorServicer`` in front of a stand-in coordinator that holds
   the payload's tensors (the synthetic adapter of common/synthetic.py). A round trip is what a sampled client
-  does: ``CoordinatorConnection.next_task`` (the stand-in encodes the tensors, common/codec.py; the servicer
-  streams 1 MiB chunks and a SHA-256 trailer; the client checks the header against the expected tensors,
-  reassembles, checks the digest, decodes and checks the values), then ``CoordinatorConnection.submit`` of the
-  received tensors (encode, chunks, digest; the servicer checks the header, reassembles, checks the digest,
-  decodes; the stand-in checks the values as the coordinator does).
+  does: ``CoordinatorConnection.next_task`` (the stand-in encodes the tensors, common/codec.py, as the
+  coordinator encodes a round's task; the servicer streams 1 MiB chunk messages, proto/frames.py, and a
+  SHA-256 trailer; the client checks the header against the expected tensors, writes each chunk into its
+  tensors and hashes it, checks the digest and the values), then ``CoordinatorConnection.submit`` of the
+  received tensors (chunk messages cut from the tensors' memory, digest; the servicer checks the header,
+  writes the chunks into tensors, checks the digest; the stand-in checks the values as the coordinator
+  does).
 - *raw*: bench/echo.py: the same number of bytes up a client stream in 1 MiB chunks and back down a server
   stream; no encoding, digest, decoding or checks.
 
