@@ -31,7 +31,7 @@ import torch
 
 from common.adapter import AdapterState, ClientUpdate, pad_to_rank, round_to_wire, truncate_to_rank
 from common.aggregation import AggregationSettings
-from common.clipping import clip_update
+from common.clipping import ClipReference, clip_update
 from common.codec import DTYPES, TensorSpec, encode_tensors
 from common.config import RunConfig
 from common.metrics import alignment_metrics
@@ -580,7 +580,8 @@ class Coordinator:
         started = time.time()
         global_state = AdapterState.from_state_dict(self._global)
         bound = self.config.federation.client_update_clip_norm
-        clipped = {update.client: clip_update(update.state, global_state, self.settings.scaling, bound)
+        reference = ClipReference(global_state)          # the global side of every client's norm, once
+        clipped = {update.client: clip_update(update.state, reference, self.settings.scaling, bound)
                    for _, update, _ in current.reported()}
         updates = [ClientUpdate(u.client, u.num_examples, clipped[u.client].state) for _, u, _ in current.reported()]
         step = self.method.server_step(self._global, self._method_state, updates, self.settings, current.index)

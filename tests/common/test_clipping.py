@@ -77,3 +77,31 @@ def test_identical_client_and_global_have_a_zero_update():
     reference = _state(5, 4, 4, 2)
     assert update_norm(reference, reference, 2.0) == pytest.approx(0.0, abs=1e-12)
     assert clip_update(reference, reference, 2.0, 1e-3).factor == 1.0
+
+
+def test_one_prepared_reference_serves_every_client_of_a_round():
+    """The coordinator prepares the global side once (ClipReference) and clips each client against it: the
+    same norms as the dense formula, and the same clipped updates as with the plain reference, float32
+    factors included (a client's upload), with layers of different shapes."""
+    from common.clipping import ClipReference
+
+    def mixed(seed: int) -> AdapterState:
+        g = torch.Generator().manual_seed(seed)
+        shapes = {"q": (16, 12), "ffn_in": (40, 12), "ffn_out": (12, 40)}
+        return AdapterState(lora={n: LoraFactors(A=torch.randn(3, k, generator=g), B=torch.randn(d, 3, generator=g))
+                                  for n, (d, k) in shapes.items()}, extra={"head": torch.randn(5, generator=g)})
+
+    reference = mixed(0)
+    prepared = ClipReference(reference)
+    for seed in (1, 2, 3):
+        update = mixed(seed)
+        dense = _dense_norm(AdapterState(
+            lora={n: LoraFactors(A=f.A.double(), B=f.B.double()) for n, f in update.lora.items()},
+            extra={n: t.double() for n, t in update.extra.items()}), AdapterState(
+            lora={n: LoraFactors(A=f.A.double(), B=f.B.double()) for n, f in reference.lora.items()},
+            extra={n: t.double() for n, t in reference.extra.items()}), 2.0)
+        shared = clip_update(update, prepared, 2.0, dense / 3)
+        assert shared.norm == pytest.approx(dense, rel=1e-12)
+        alone = clip_update(update, reference, 2.0, dense / 3)
+        assert shared.factor == alone.factor and shared.norm == alone.norm
+        assert all(torch.equal(shared.state.lora[n].B, alone.state.lora[n].B) for n in update.lora)
