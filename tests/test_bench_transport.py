@@ -61,12 +61,24 @@ def test_summary_tables_every_result_and_names_the_missing(capsys, tmp_path):
                                                         "project": {"round_trip_mb_s": 300.0},
                                                         "raw": {"round_trip_mb_s": 500.0}}]}) + "\n")
     (tmp_path / "distributed.log").write_text("chatter\n" + json.dumps({"bench": "distributed", "skipped": "no gloo"}))
-    (tmp_path / "client_overhead.json").write_text(json.dumps({"bench": "client_overhead", "ratio": 0.93,
-                                                               "target": 0.9, "met": True}))
+    (tmp_path / "client_overhead.log").write_text(json.dumps({
+        "bench": "client_overhead", "fedavg": {"ratio": 0.93, "target": 0.9, "meets_target": True},
+        "subspace_reg": {"ratio": 0.84, "target": 0.85, "meets_target": False}}))
+    (tmp_path / "client_memory.log").write_text(json.dumps({
+        "bench": "client_memory", "mode": "full", "peak_rss_mb": 716.4, "idle_rss_mb": 529.5, "target_mb": 600.0,
+        "peak_ok": False}))
+    (tmp_path / "scale.json").write_text(json.dumps({
+        "bench": "scale", "quick": True, "max_clients_held": 100, "target_clients": 1000, "met": False, "results": []}))
     assert summary.main(["--dir", str(tmp_path)]) == 1            # math, soak, ... have no result here
     table = capsys.readouterr().out
     assert "| transport (P3) 14.2 MB" in table and "300 vs 500 MB/s: 0.60" in table and "| met" in table
-    assert "skipped: no gloo" in table and "client_overhead" in table and "0.93" in table
+    assert "skipped: no gloo" in table
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:5]] for line in table.splitlines()}
+    assert rows["client step vs bare PEFT (P7) fedavg"] == ["0.930", ">= 0.9", "met"]
+    assert rows["client step vs bare PEFT (P7) subspace_reg"] == ["0.840", ">= 0.85", "NOT met"]
+    assert rows["client peak RSS (default config)"] == ["716 MB (idle 530 MB)", "<= 600 MB", "NOT met"]
+    # --quick stops at 100 clients: not a failure of the 1,000 target, which it never tried
+    assert rows["scale (P5) clients held"] == ["100 (--quick: not tried at 1000)", ">= 1000", "n/a"]
     assert "round_overhead" in table and "no result" in table
     assert summary.main(["--dir", str(tmp_path), "--only", "transport,distributed"]) == 0
 
