@@ -156,3 +156,23 @@ def test_layers_batched_by_shape_and_a_base_residual_match_dense() -> None:
     for name in METRIC_NAMES:
         if name != "aggregation_error":
             assert math.isclose(with_residual[name], alignment_metrics(updates, new_global, SCALING)[name], rel_tol=1e-12)
+
+
+def test_chunks_of_layers_give_the_metrics_of_one_batched_group(monkeypatch) -> None:
+    """A group of equal layers is split into chunks under a memory budget (CHUNK_BYTES); one layer per chunk
+    gives the same diagnostics as the whole group at once (to float64 rounding), base residual included."""
+    import common.metrics as metrics
+
+    shapes = {f"g.{i}": (12, 9) for i in range(5)} | {"h.0": (9, 14)}
+    gen = make_generator(23)
+    updates = random_updates(gen, shapes, 4, 5)
+    new_global = aggregate("svd", random_state(gen, shapes, 4), updates, AggregationSettings(SCALING, 4, None)).state
+    residual = {f"g.{i}": (torch.randn(12, 3, generator=gen, dtype=torch.float64),
+                           torch.randn(3, 9, generator=gen, dtype=torch.float64)) for i in range(5)}
+    whole = alignment_metrics(updates, new_global, SCALING, residual)
+    assert len(metrics._chunks([f"g.{i}" for i in range(5)], 12, 9, 5 * 4 + 4 + 3, 5 * 4)) == 1
+    monkeypatch.setattr(metrics, "CHUNK_BYTES", 1)
+    assert metrics._chunks([f"g.{i}" for i in range(5)], 12, 9, 27, 20) == [[f"g.{i}"] for i in range(5)]
+    chunked = alignment_metrics(updates, new_global, SCALING, residual)
+    for name in METRIC_NAMES:
+        assert math.isclose(chunked[name], whole[name], rel_tol=1e-12), name
