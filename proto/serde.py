@@ -77,21 +77,18 @@ def _cut(pieces: Sequence[memoryview], size: int) -> Iterator[tuple[int, list[me
         yield offset, parts
 
 
-def payload_messages(payload: bytes | bytearray | Sequence[memoryview], message_type: type[M],
-                     digest: bytes | None = None) -> Iterator[M | bytes]:
+def payload_messages(payload: bytes | bytearray | Sequence[memoryview], message_type: type[M]) -> Iterator[M | bytes]:
     """A payload (one buffer, or the pieces of common/codec.py's tensor_pieces, laid end to end) as
     ``message_type`` messages (TaskMessage, UpdateMessage): its 1 MiB chunks, each serialized by hand with one
     copy (proto/frames.py), then the trailer with the SHA-256 of the whole payload. The digest is computed on
-    each chunk's data right after its frame is written, while it is still in cache; ``digest``: the payload's
-    digest where the sender already knows it."""
+    each chunk's data right after its frame is written, while it is still in cache."""
     pieces = [memoryview(payload)] if isinstance(payload, (bytes, bytearray)) else payload
-    hasher = hashlib.sha256() if digest is None else None
+    hasher = hashlib.sha256()
     for offset, parts in _cut(pieces, CHUNK_BYTES):
         frame = chunk_frame(offset, parts)
-        if hasher is not None:
-            hasher.update(memoryview(frame)[len(frame) - sum(len(part) for part in parts):])
+        hasher.update(memoryview(frame)[len(frame) - sum(len(part) for part in parts):])
         yield frame
-    yield message_type(trailer={"sha256": digest if digest is not None else hasher.digest()})
+    yield message_type(trailer={"sha256": hasher.digest()})
 
 
 def chunks_to_proto(buffer: bytes) -> Iterator[pb.PayloadChunk]:

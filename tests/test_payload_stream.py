@@ -67,11 +67,6 @@ def test_the_default_chunks_match_chunks_to_proto():
     assert frames[:-1] == [pb.TaskMessage(chunk=c).SerializeToString() for c in chunks_to_proto(buffer)]
 
 
-def test_a_known_digest_is_sent_as_given():
-    messages = list(payload_messages(b"abc", pb.TaskMessage, digest=b"\x07" * 32))
-    assert messages[-1].trailer.sha256 == b"\x07" * 32
-
-
 def test_a_wrong_digest_or_a_short_payload_is_refused():
     buffer = bytes(range(200)) * 50
     received = bytearray(len(buffer))
